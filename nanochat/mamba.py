@@ -1,0 +1,414 @@
+"""
+Mamba-2 mixer (the "M" block's sequence mixer), written in plain PyTorch so it trains on a CPU,
+with mamba_ssm's Triton kernels used automatically on CUDA when they import.
+
+The parameters have exactly the names and shapes of mamba_ssm.modules.mamba2.Mamba2 with
+rmsnorm=True, norm_before_gate=False, bias=False, conv_bias=True, D_has_hdim=False, so a
+state_dict moves between the two modules unchanged:
+
+    in_proj.weight   (2*d_inner + 2*ngroups*d_state + nheads, d_model)   rows split [z | xBC | dt]
+    conv1d.weight    (conv_dim, 1, d_conv)   depthwise causal conv over xBC, conv_dim = d_inner + 2*ngroups*d_state
+    conv1d.bias      (conv_dim,)
+    dt_bias, A_log, D (nheads,)
+    norm.weight      (d_inner,)              gated group RMSNorm: rmsnorm_group(y * silu(z)) * w
+    out_proj.weight  (d_model, d_inner)
+
+Per head h (headdim P, state size N), with x, B, C coming out of the conv:
+    dt = softplus(dt_raw + dt_bias),  A = -exp(A_log)
+    S_t = exp(dt*A) * S_{t-1} + dt * x_t B_t^T        S: (P, N), kept in fp32
+    y_t = S_t C_t + D * x_t
+Heads are split into ngroups groups of consecutive heads that share B and C.
+
+Training runs the whole sequence at once with the chunked "SSD" form of that recurrence
+(ssd_chunked_scan): quadratic attention-like work inside chunks of ~64 tokens, a small linear
+recurrence between chunks. Generation runs the recurrence one token at a time (Mamba2Mixer.step).
+"""
+
+import os
+import sys
+import math
+import types
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Optional CUDA kernels (pip install ".[gpu]", see README). Never needed for correctness.
+
+# NANOCHAT_MAMBA_REFERENCE=1 forces the pure-PyTorch path everywhere; tests flip the flag directly.
+FORCE_REFERENCE = os.environ.get("NANOCHAT_MAMBA_REFERENCE", "0") == "1"
+
+
+def _import_mamba_kernels():
+    """Returns (chunk_scan, state_update, rmsnorm, conv1d) from mamba_ssm/causal_conv1d, or None."""
+    try:
+        import mamba_ssm  # noqa: F401
+    except ImportError as e:
+        if "selective_scan_cuda" not in str(e):
+            return None
+        # mamba-ssm <= 2.3.2 imports its Mamba-1 CUDA extension unconditionally from __init__, and
+        # that extension is not built by the MAMBA_SKIP_CUDA_BUILD install we document. We only use
+        # the Triton kernels, so an empty stand-in module is enough to get past the import.
+        sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+        from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+    except Exception:
+        return None
+    try:
+        from causal_conv1d import causal_conv1d_fn
+    except Exception:
+        causal_conv1d_fn = None  # optional: the pure-PyTorch conv below is used instead
+    return mamba_chunk_scan_combined, selective_state_update, rmsnorm_fn, causal_conv1d_fn
+
+
+# The Triton kernels run on CUDA only, and importing mamba_ssm costs ~10 s, so CPU boxes skip it.
+_kernels = _import_mamba_kernels() if torch.cuda.is_available() else None
+HAVE_MAMBA_KERNELS = _kernels is not None
+mamba_chunk_scan_combined, selective_state_update, rmsnorm_fn, causal_conv1d_fn = _kernels or (None,) * 4
+
+# -----------------------------------------------------------------------------
+# Reference (pure PyTorch) building blocks
+
+
+def ssd_sequential_scan(x, dt, A, B, C, D=None, initial_states=None, seq_idx=None):
+    """
+    The SSM recurrence one token at a time: the definition the chunked scan must match, and the
+    baseline of the benchmark. Too slow to train with (a Python loop over tokens).
+    x (b, l, h, p), dt (b, l, h) positive step sizes (softplus already applied), A (h) negative,
+    B and C (b, l, g, n), D (h) or None, initial_states (b, h, p, n) or None,
+    seq_idx (b, l) int document ids: the state is reset where the id changes.
+    Returns y (b, l, h, p) in x's dtype and the final state (b, h, p, n) in fp32 (fp64 for fp64 inputs).
+    """
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    xf, dt = x.to(dtype), dt.to(dtype)
+    B = B.to(dtype).repeat_interleave(h // g, dim=2)  # (b, l, h, n): group k serves heads k*h/g ... (k+1)*h/g-1
+    C = C.to(dtype).repeat_interleave(h // g, dim=2)
+    dA = torch.exp(dt * A.to(dtype))  # (b, l, h)
+    xdt = xf * dt[..., None]
+    S = torch.zeros(b, h, p, n, device=x.device, dtype=dtype) if initial_states is None else initial_states.to(dtype)
+    ys = []
+    for t in range(l):
+        if seq_idx is not None and t > 0:
+            S = S * (seq_idx[:, t] == seq_idx[:, t - 1]).to(dtype).view(b, 1, 1, 1)
+        S = S * dA[:, t, :, None, None] + xdt[:, t, :, :, None] * B[:, t, :, None, :]
+        ys.append((S @ C[:, t, :, :, None]).squeeze(-1))
+    y = torch.stack(ys, dim=1)
+    if D is not None:
+        y = y + xf * D.to(dtype)[:, None]
+    return y.to(x.dtype), S
+
+
+def _segsum_exp(a, mask):
+    """
+    W[..., i, j] = exp(a[..., j] + ... + a[..., i-1]) for j <= i where mask allows it, else 0.
+    Sums are accumulated per (i, j) pair rather than as differences of one long cumsum, so the
+    result stays accurate when the total decay over a long sequence is huge.
+    a (..., T) -> W (..., T+1, T+1)
+    """
+    T = a.shape[-1]
+    rows = a[..., None, :].expand(*a.shape[:-1], T + 1, T)  # rows[..., i, k] = a[k]
+    keep = torch.ones(T + 1, T, dtype=torch.bool, device=a.device).tril(-1)  # only k < i contributes to row i
+    rows = rows.masked_fill(~keep, 0.0)
+    seg = rows.flip(-1).cumsum(-1).flip(-1)  # seg[..., i, j] = sum_{k >= j, k < i} a[k]
+    seg = F.pad(seg, (0, 1))  # column j = T: empty sum
+    return torch.exp(seg.masked_fill(~mask, float("-inf")))
+
+
+def ssd_chunked_scan(x, dt, A, B, C, chunk_size=64, D=None, initial_states=None, seq_idx=None):
+    """
+    Same contract as ssd_sequential_scan (see there), computed chunk by chunk with matmuls:
+      1. inside each chunk: y = (decay-masked C B^T) @ (dt*x), like causal attention;
+      2. each chunk's own end state = sum over its tokens of decay-to-end * (dt*x) B^T;
+      3. states entering each chunk: a (nchunks+1)^2 decay matrix times the chunk states
+         (one matmul instead of a Python loop over chunks; nchunks is small);
+      4. y += C @ (state entering the chunk), decayed to each token.
+    Heads stay grouped as (g, h/g) so B and C are never copied per head.
+    seq_idx: the initial state belongs to each row's first document (ids must not reappear later).
+    """
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    r = h // g
+    out_dtype = x.dtype
+    dtype = torch.promote_types(x.dtype, torch.float32)  # the scan is always done in >= fp32
+    Q = chunk_size
+    pad = (-l) % Q
+    if pad:
+        # zero padding at the end: dt = 0 means no decay and no input, so earlier outputs and
+        # the final state are unchanged; the padded outputs are cut off below
+        x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
+        dt = F.pad(dt, (0, 0, 0, pad))
+        if seq_idx is not None:
+            seq_idx = torch.cat([seq_idx, seq_idx[:, -1:].expand(b, pad)], dim=1)
+    c = (l + pad) // Q
+
+    # layout (b, g, r, c, Q, ...): batch dims first, so every step below is a batched matmul
+    x = x.to(dtype).view(b, c, Q, g, r, p).permute(0, 3, 4, 1, 2, 5)
+    dt = dt.to(dtype).view(b, c, Q, g, r).permute(0, 3, 4, 1, 2)
+    B = B.to(dtype).view(b, c, Q, g, n).permute(0, 3, 1, 2, 4).unsqueeze(2)  # (b, g, 1, c, Q, n)
+    C = C.to(dtype).view(b, c, Q, g, n).permute(0, 3, 1, 2, 4).unsqueeze(2)
+    dA = dt * A.to(dtype).view(g, r, 1, 1)  # log decay per token, <= 0
+    cs = dA.cumsum(-1)  # (b, g, r, c, Q) log decay from the chunk start
+    xdt = x * dt[..., None]
+
+    causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
+    if seq_idx is not None:
+        sid = seq_idx.view(b, 1, 1, c, Q)
+        same_doc = (sid[..., :, None] == sid[..., None, :]) & causal  # (b, 1, 1, c, Q, Q)
+    else:
+        same_doc = causal
+
+    # 1. within chunks. Differences of the in-chunk cumsum are fine: a chunk is short.
+    decay = torch.exp((cs[..., :, None] - cs[..., None, :]).masked_fill(~same_doc, float("-inf")))
+    y = (decay * (C @ B.transpose(-1, -2))) @ xdt  # (b, g, r, c, Q, p)
+
+    # 2. each chunk's contribution to the state at its end
+    decay_to_end = torch.exp(cs[..., -1:] - cs)
+    if seq_idx is not None:
+        decay_to_end = decay_to_end * (sid == sid[..., -1:])  # only the document the chunk ends in carries on
+    states = (xdt * decay_to_end[..., None]).transpose(-1, -2) @ B  # (b, g, r, c, p, n)
+
+    # 3. states at every chunk boundary. Index 0 is the initial state, index i the state after chunk i-1.
+    if initial_states is None:
+        init = torch.zeros(b, g, r, 1, p, n, device=x.device, dtype=dtype)
+    else:
+        init = initial_states.to(dtype).view(b, g, r, 1, p, n)
+    states = torch.cat([init, states], dim=3)
+    chunk_causal = torch.ones(c + 1, c + 1, dtype=torch.bool, device=x.device).tril()
+    if seq_idx is not None:
+        # a boundary state belongs to the document of the token just before it; state flows
+        # between two boundaries only if no document starts in between (ids are contiguous)
+        sid_end = torch.cat([seq_idx[:, :1], seq_idx.view(b, c, Q)[:, :, -1]], dim=1)  # (b, c+1)
+        chunk_mask = (sid_end[:, :, None] == sid_end[:, None, :]) & chunk_causal
+        chunk_mask = chunk_mask.view(b, 1, 1, c + 1, c + 1)
+    else:
+        chunk_mask = chunk_causal
+    W = _segsum_exp(cs[..., -1], chunk_mask)  # (b, g, r, c+1, c+1) decay between boundaries
+    states = (W @ states.flatten(-2)).view(b, g, r, c + 1, p, n)
+    final_state = states[:, :, :, -1].reshape(b, h, p, n)
+
+    # 4. the state entering each chunk, read out by C and decayed to each token
+    decay_from_start = torch.exp(cs)
+    if seq_idx is not None:
+        decay_from_start = decay_from_start * (sid == sid_end[:, :-1].view(b, 1, 1, c, 1))
+    y = y + (C @ states[:, :, :, :-1].transpose(-1, -2)) * decay_from_start[..., None]
+
+    if D is not None:
+        y = y + x * D.to(dtype).view(g, r, 1, 1, 1)
+    y = y.permute(0, 3, 4, 1, 2, 5).reshape(b, c * Q, h, p)[:, :l]
+    return y.to(out_dtype), final_state
+
+
+def causal_conv(x, weight, bias, initial=None, seq_idx=None):
+    """
+    Depthwise causal conv along time, channel-last: x (b, l, d), weight (d, 1, w), bias (d,).
+    initial (b, d, w-1): the inputs that precede x (a continued prefill); zeros if None.
+    seq_idx (b, l): a tap never reads a token of another document (the initial columns belong to
+    the first one). Written as w shifted multiply-adds: cheaper on CPU than a grouped conv1d and
+    its transposes.
+    """
+    b, l, d = x.shape
+    w = weight.shape[-1]
+    weight = weight.to(x.dtype).view(d, w)
+    if initial is None:
+        left = x.new_zeros(b, w - 1, d)
+    else:
+        left = initial.transpose(1, 2).to(x.dtype)
+    xp = torch.cat([left, x], dim=1)  # (b, l+w-1, d)
+    if seq_idx is not None:
+        sp = torch.cat([seq_idx[:, :1].expand(b, w - 1), seq_idx], dim=1)
+    out = bias.to(x.dtype) + xp[:, w - 1:] * weight[:, w - 1]  # tap w-1 reads the current token
+    for k in range(w - 1):  # tap k reads the token w-1-k steps back
+        term = xp[:, k:k + l] * weight[:, k]
+        if seq_idx is not None:
+            term = term * (sp[:, k:k + l] == seq_idx).unsqueeze(-1).to(x.dtype)
+        out = out + term
+    return out
+
+
+def gated_rmsnorm(y, z, weight, ngroups, eps=1e-5):
+    """mamba_ssm's RMSNormGated with norm_before_gate=False: rmsnorm(y * silu(z)) per group of channels, times weight."""
+    dtype = y.dtype
+    y = y.float() * F.silu(z.float())
+    yg = y.view(*y.shape[:-1], ngroups, y.shape[-1] // ngroups)
+    yg = yg * torch.rsqrt(yg.square().mean(-1, keepdim=True) + eps)
+    return (yg.view_as(y) * weight.float()).to(dtype)
+
+# -----------------------------------------------------------------------------
+# Generation state
+
+
+@dataclass
+class MambaState:
+    """Per-layer generation state. conv: the last d_conv pre-conv xBC columns (b, conv_dim, d_conv);
+    ssm: (b, nheads, headdim, d_state), always fp32. Both are updated in place by the mixer."""
+    conv: torch.Tensor
+    ssm: torch.Tensor
+
+    def repeat_batch(self, n):
+        """Each row repeated n times (row i -> rows i*n .. i*n+n-1), e.g. a batch-1 prefill -> n samples."""
+        return MambaState(self.conv.repeat_interleave(n, dim=0), self.ssm.repeat_interleave(n, dim=0))
+
+    def index_select(self, rows):
+        """Keep only the given rows (e.g. drop finished samples); rows: list or 1-D index tensor."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.conv.device)
+        return MambaState(self.conv.index_select(0, rows), self.ssm.index_select(0, rows))
+
+    def clone(self):
+        return MambaState(self.conv.clone(), self.ssm.clone())
+
+# -----------------------------------------------------------------------------
+# The mixer
+
+
+class Mamba2Mixer(nn.Module):
+
+    def __init__(self, d_model, d_state=64, d_conv=4, expand=2, headdim=32, ngroups=1, chunk_size=64, layer_idx=None):
+        super().__init__()
+        self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.d_inner = expand * d_model
+        assert self.d_inner % headdim == 0, f"expand*d_model={self.d_inner} must be a multiple of headdim={headdim}"
+        self.headdim = headdim
+        self.nheads = self.d_inner // headdim
+        assert self.nheads % ngroups == 0, f"nheads={self.nheads} must be a multiple of ngroups={ngroups}"
+        self.ngroups = ngroups
+        self.chunk_size = chunk_size  # ~64 is fastest for the CPU reference; mamba_ssm defaults to 256 on GPU
+        self.layer_idx = layer_idx
+        self.conv_dim = self.d_inner + 2 * ngroups * d_state
+        # same modules, names and shapes as mamba_ssm's Mamba2 (see the module docstring)
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * ngroups * d_state + self.nheads, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv - 1, bias=True)
+        self.dt_bias = nn.Parameter(torch.empty(self.nheads))
+        self.A_log = nn.Parameter(torch.empty(self.nheads))
+        self.D = nn.Parameter(torch.empty(self.nheads))
+        self.norm = nn.Module()  # only holds norm.weight; the gated group RMSNorm is gated_rmsnorm()
+        self.norm.weight = nn.Parameter(torch.empty(self.d_inner))
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self, dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4, A_init_range=(1, 16)):
+        """mamba_ssm's init. Also safe after to_empty() from the meta device."""
+        # the optimizer reads this: no weight decay on the SSM dynamics. Set here as well as in
+        # __init__ because moving parameters off the meta device can create new Parameter objects.
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_weight_decay = True
+        self.dt_bias._no_reinit = True
+        with torch.no_grad():
+            self.in_proj.reset_parameters()
+            self.conv1d.reset_parameters()
+            self.out_proj.reset_parameters()
+            # dt log-uniform in [dt_min, dt_max]; dt_bias is its inverse softplus so softplus(dt_bias) = dt
+            device = self.dt_bias.device
+            dt = torch.exp(torch.rand(self.nheads, device=device) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+            dt = dt.clamp(min=dt_init_floor)
+            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            self.A_log.copy_(torch.empty(self.nheads, device=device).uniform_(*A_init_range).log())
+            self.D.fill_(1.0)
+            self.norm.weight.fill_(1.0)
+
+    def allocate_state(self, batch_size, device, dtype=torch.float32):
+        conv = torch.zeros(batch_size, self.conv_dim, self.d_conv, device=device, dtype=dtype)
+        ssm = torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device, dtype=torch.float32)
+        return MambaState(conv, ssm)
+
+    def _use_kernels(self, x):
+        return HAVE_MAMBA_KERNELS and x.is_cuda and not FORCE_REFERENCE
+
+    def _norm_out(self, y, z, kernels):
+        if kernels:
+            y = rmsnorm_fn(y, self.norm.weight, None, z=z, eps=1e-5, group_size=self.d_inner // self.ngroups, norm_before_gate=False)
+        else:
+            y = gated_rmsnorm(y, z, self.norm.weight, self.ngroups)
+        # weights are cast to the activations' dtype so the mixer works with low-precision
+        # activations and fp32 master weights, with or without autocast
+        return F.linear(y, self.out_proj.weight.to(y.dtype))
+
+    def forward(self, x, seq_idx=None, state=None):
+        """
+        x (b, l, d_model) -> (b, l, d_model).
+        seq_idx (b, l) int: document id of each token of a packed row (starting at 0 in each row,
+        contiguous); neither the conv nor the SSM state crosses a change of id.
+        state: a MambaState to continue from (prefill, possibly a later piece of one); it is
+        updated in place to the state after the last token, of the row's last document.
+        """
+        b, l, _ = x.shape
+        kernels = self._use_kernels(x)
+        zxbcdt = F.linear(x, self.in_proj.weight.to(x.dtype))
+        z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        A = -torch.exp(self.A_log.float())  # float(): exp of a low-precision A_log can overflow
+
+        if state is not None:
+            # the conv state after this call: the last d_conv inputs, counting the old state's columns
+            cols = torch.cat([state.conv, xBC.transpose(1, 2).to(state.conv.dtype)], dim=-1)[:, :, -self.d_conv:]
+            if seq_idx is not None:  # columns of an earlier document must not leak into the next step
+                sid = torch.cat([seq_idx[:, :1].expand(b, self.d_conv), seq_idx], dim=1)[:, -self.d_conv:]
+                cols = cols * (sid == seq_idx[:, -1:]).unsqueeze(1).to(cols.dtype)
+        if kernels and causal_conv1d_fn is not None and state is None:
+            # (b, l, d).transpose is channel-last in memory, the layout causal_conv1d needs for seq_idx
+            sidx = seq_idx.to(torch.int32) if seq_idx is not None else None
+            xBC = causal_conv1d_fn(xBC.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                   seq_idx=sidx, activation="silu").transpose(1, 2)
+        else:
+            initial = state.conv[:, :, 1:] if state is not None else None
+            xBC = F.silu(causal_conv(xBC, self.conv1d.weight, self.conv1d.bias, initial, seq_idx))
+        if state is not None:
+            state.conv.copy_(cols)
+        xs, B, C = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        xs = xs.reshape(b, l, self.nheads, self.headdim)
+        B = B.reshape(b, l, self.ngroups, self.d_state)
+        C = C.reshape(b, l, self.ngroups, self.d_state)
+        initial_states = state.ssm if state is not None else None
+
+        if kernels:
+            out = mamba_chunk_scan_combined(xs, dt, A, B, C, chunk_size=self.chunk_size, D=self.D,
+                                            dt_bias=self.dt_bias, dt_softplus=True, initial_states=initial_states,
+                                            seq_idx=seq_idx.to(torch.int32) if seq_idx is not None else None,
+                                            return_final_states=state is not None)
+            y, final_state = out if state is not None else (out, None)
+        else:
+            dt = F.softplus(dt.float() + self.dt_bias.float())
+            y, final_state = ssd_chunked_scan(xs, dt, A, B, C, self.chunk_size, D=self.D,
+                                              initial_states=initial_states, seq_idx=seq_idx)
+        if state is not None:
+            state.ssm.copy_(final_state.detach())
+        return self._norm_out(y.reshape(b, l, self.d_inner), z, kernels)
+
+    def step(self, x, state):
+        """One token: x (b, 1, d_model) -> (b, 1, d_model); state is updated in place."""
+        b = x.shape[0]
+        kernels = self._use_kernels(x)
+        zxbcdt = F.linear(x[:, 0], self.in_proj.weight.to(x.dtype))
+        z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+
+        # conv: shift the window left by one, append the new column, dot with the kernel.
+        # (Plain torch on every device: it is tiny, and causal_conv1d_update wants matching dtypes.)
+        conv = state.conv
+        conv[:, :, :-1] = conv[:, :, 1:].clone()
+        conv[:, :, -1] = xBC.to(conv.dtype)
+        xBC = (conv * self.conv1d.weight.squeeze(1).to(conv.dtype)).sum(-1) + self.conv1d.bias.to(conv.dtype)
+        xBC = F.silu(xBC).to(x.dtype)
+        xs, B, C = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        A = -torch.exp(self.A_log.float())
+
+        if kernels:
+            P, N = self.headdim, self.d_state
+            y = selective_state_update(
+                state.ssm, xs.reshape(b, self.nheads, P), dt[:, :, None].expand(b, self.nheads, P),
+                A[:, None, None].expand(self.nheads, P, N), B.reshape(b, self.ngroups, N), C.reshape(b, self.ngroups, N),
+                D=self.D[:, None].expand(self.nheads, P), z=None,
+                dt_bias=self.dt_bias[:, None].expand(self.nheads, P), dt_softplus=True)
+        else:
+            g, r = self.ngroups, self.nheads // self.ngroups
+            dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, h)
+            xh = xs.float().view(b, g, r, self.headdim)
+            S = state.ssm.view(b, g, r, self.headdim, self.d_state)
+            S = S * torch.exp(dt * A).view(b, g, r, 1, 1) + (dt.view(b, g, r, 1) * xh)[..., None] * B.float().view(b, g, 1, 1, self.d_state)
+            y = (S @ C.float().view(b, g, 1, self.d_state, 1)).squeeze(-1) + self.D.float().view(g, r, 1) * xh
+            state.ssm.copy_(S.view_as(state.ssm))
+        y = y.reshape(b, 1, self.d_inner).to(x.dtype)
+        return self._norm_out(y, z[:, None], kernels)
