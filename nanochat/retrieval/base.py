@@ -1,0 +1,59 @@
+"""
+What every retriever shares: the search / search_batch interface on top of one method,
+rank_batch(queries, k) -> per query a list of (position in self.documents, score), best first.
+Hybrid fusion works on those positions, so it never touches (or aliases) document objects.
+"""
+import numpy as np
+
+from nanochat.retrieval.documents import SearchResult
+
+
+def check_top_k(top_k):
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k <= 0:
+        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+    return int(top_k)
+
+
+def top_k_positions(scores, k, positions=None):
+    """Indices of the k highest scores, best first, ties broken by the lower index so results
+    are identical run to run. `positions` (optional) maps the entries of scores to doc positions."""
+    n = len(scores)
+    k = min(k, n)
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if k < n:
+        kth = np.partition(scores, n - k)[n - k]  # the k-th largest value
+        above = np.flatnonzero(scores > kth)
+        tied = np.flatnonzero(scores == kth)[:k - len(above)]
+        idx = np.concatenate([above, tied])
+    else:
+        idx = np.arange(n)
+    idx = idx[np.lexsort((idx, -scores[idx]))]
+    return idx if positions is None else positions[idx]
+
+
+class Retriever:
+    name = ""
+
+    def __init__(self, documents):
+        self.documents = list(documents)
+
+    def __len__(self):
+        return len(self.documents)
+
+    def rank_batch(self, queries, k):
+        raise NotImplementedError
+
+    def search_batch(self, queries, top_k):
+        if isinstance(queries, str):
+            raise TypeError("search_batch takes a list of queries; use search() for one string")
+        top_k = check_top_k(top_k)
+        queries = list(queries)
+        if not queries or not self.documents:
+            return [[] for _ in queries]
+        ranked = self.rank_batch(queries, top_k)
+        docs = self.documents
+        return [[SearchResult(docs[i], float(s)) for i, s in hits] for hits in ranked]
+
+    def search(self, query, top_k):
+        return self.search_batch([query], top_k)[0]
