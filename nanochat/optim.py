@@ -1,0 +1,91 @@
+"""
+Optimizers: Muon for the 2-D weight matrices inside blocks, AdamW for everything else.
+Under torchrun, gradients are averaged across ranks before the step (all_reduce_grads), so every
+rank takes the same step and the weights stay identical: simple, and works on gloo and nccl.
+"""
+import torch
+import torch.distributed as dist
+
+
+@torch.no_grad()
+def zeropower_via_newtonschulz5(G, steps=5):
+    """Approximately orthogonalise G (the nearest semi-orthogonal matrix) with a quintic
+    Newton-Schulz iteration whose coefficients push singular values towards 1 quickly."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.bfloat16() if G.is_cuda else G.float()   # bf16 is fast on GPU; on CPU fp32 is faster
+    transposed = X.size(-2) > X.size(-1)
+    if transposed:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.mT
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    if transposed:
+        X = X.mT
+    return X.to(G.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """SGD with Nesterov momentum whose update is orthogonalised per matrix."""
+
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                assert p.ndim == 2, f"Muon only takes 2-D matrices, got shape {tuple(p.shape)}"
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                g = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+                update = zeropower_via_newtonschulz5(g, group["ns_steps"])
+                scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5   # tall matrices get a larger step
+                p.add_(update, alpha=-group["lr"] * scale)
+
+
+def setup_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, other_lr=0.004,
+                     weight_decay=0.0, betas=(0.8, 0.95)):
+    """Returns [adamw, muon]. AdamW LRs for the embedding/head scale like nanochat's (∝ 1/sqrt(width/768));
+    the non-matrix parameters (Mamba's conv/dt/A/D/norm) never get weight decay."""
+    groups = model.param_groups()
+    scale = (model.config.n_embd / 768) ** -0.5
+    adam_groups = [
+        dict(params=groups["embedding"], lr=embedding_lr * scale, weight_decay=weight_decay),
+        dict(params=groups["unembedding"], lr=unembedding_lr * scale, weight_decay=weight_decay),
+    ]
+    if groups["other"]:
+        adam_groups.append(dict(params=groups["other"], lr=other_lr, weight_decay=0.0))
+    adamw = torch.optim.AdamW(adam_groups, betas=betas, eps=1e-10, fused=False)
+    optimizers = [adamw]
+    if groups["matrix"]:
+        optimizers.append(Muon(groups["matrix"], lr=matrix_lr))
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    return optimizers
+
+
+def all_reduce_grads(model):
+    """Average gradients across ranks in one flat buffer per dtype (few large messages)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    world = dist.get_world_size()
+    by_dtype = {}
+    for p in model.parameters():
+        if p.grad is not None:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()

@@ -1,0 +1,233 @@
+"""
+Pretrain a base model.
+
+    python -m scripts.base_train --depth 4 --run dummy                            # one process
+    torchrun --standalone --nproc_per_node=2 -m scripts.base_train -- --depth 4   # DDP (gloo on CPU, nccl on CUDA)
+
+--depth is the one dial: width, heads and learning-rate scaling follow from it.
+"""
+import os
+import time
+import math
+import argparse
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import (compute_init, compute_cleanup, print0, init_wandb, autocast_ctx, die, get_base_dir)
+from nanochat.gpt import GPT, config_from_depth
+from nanochat.tokenizer import get_tokenizer
+from nanochat.dataset import get_source
+from nanochat.dataloader import PretrainLoader
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.optim import setup_optimizers, all_reduce_grads
+from nanochat.checkpoint_manager import save_checkpoint, load_checkpoint, checkpoint_dir, model_tag_for
+from nanochat.engine import Engine
+
+parser = argparse.ArgumentParser(description="Pretrain a base model (Transformer, Mamba or hybrid)")
+# model
+parser.add_argument("--depth", type=int, default=4, help="number of layers; width = depth * --aspect-ratio")
+parser.add_argument("--aspect-ratio", type=int, default=64, help="model width per layer")
+parser.add_argument("--head-dim", type=int, default=64, help="attention head dimension")
+parser.add_argument("--block-pattern", default="", help="one letter per layer, T (attention) or M (Mamba), e.g. TMTM; default all T")
+parser.add_argument("--max-seq-len", type=int, default=1024, help="context length in tokens")
+# data
+parser.add_argument("--data", default="embedded", help="'embedded' (offline generated corpus), 'fineweb' or a directory of parquet files")
+# optimisation
+parser.add_argument("--num-iterations", type=int, default=1000, help="optimizer steps")
+parser.add_argument("--device-batch-size", type=int, default=8, help="sequences per forward pass per process")
+parser.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step across processes (-1: one forward per process, no accumulation)")
+parser.add_argument("--matrix-lr", type=float, default=0.02, help="Muon learning rate (2-D matrices in blocks)")
+parser.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW learning rate of the embedding")
+parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW learning rate of the output head")
+parser.add_argument("--other-lr", type=float, default=0.004, help="AdamW learning rate of non-matrix parameters (Mamba conv/dt/A/D/norm)")
+parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (embedding and head only)")
+parser.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps with linear LR warmup")
+parser.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of final steps with linear LR decay to --final-lr-frac")
+parser.add_argument("--final-lr-frac", type=float, default=0.0, help="LR at the end as a fraction of the initial LR")
+# evaluation, output
+parser.add_argument("--eval-every", type=int, default=250, help="evaluate validation bits-per-byte every N steps (0: only at the end)")
+parser.add_argument("--eval-tokens", type=int, default=64 * 1024, help="validation tokens per evaluation")
+parser.add_argument("--sample-every", type=int, default=500, help="print samples every N steps (0: only at the end)")
+parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+parser.add_argument("--resume-from-step", type=int, default=-1, help="resume from this checkpoint step of the same --model-tag")
+parser.add_argument("--model-tag", default="", help="checkpoint directory name (default d<depth>[_<pattern>])")
+parser.add_argument("--device-type", default="", help="cuda | mps | cpu (default: autodetect)")
+parser.add_argument("--run", default="dummy", help="wandb run name ('dummy' disables wandb)")
+args = parser.parse_args()
+user_config = vars(args).copy()
+
+for flag in ("depth", "num_iterations", "device_batch_size", "max_seq_len", "eval_tokens"):
+    if getattr(args, flag) <= 0:
+        die(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+if not 0 <= args.warmup_ratio + args.warmdown_ratio <= 1:
+    die("--warmup-ratio + --warmdown-ratio must be between 0 and 1")
+
+# -----------------------------------------------------------------------------
+# Setup: processes, tokenizer, model
+ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
+master = rank == 0
+wandb_run = init_wandb(args.run, "nanochat-rag", user_config, master)
+try:
+    tokenizer = get_tokenizer()
+except (FileNotFoundError, ValueError) as e:
+    die(str(e))
+token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.long, device=device)
+vocab_size = ((tokenizer.get_vocab_size() + 63) // 64) * 64   # padded: faster matmuls, room to spare
+try:
+    config = config_from_depth(args.depth, vocab_size, args.max_seq_len, args.aspect_ratio, args.head_dim,
+                               args.block_pattern.upper())
+except ValueError as e:
+    die(str(e))
+model_tag = args.model_tag or model_tag_for(args.depth, config.block_pattern)
+ckpt_dir = checkpoint_dir("base", model_tag)
+
+with torch.device("meta"):
+    model = GPT(config)
+model.to_empty(device=device)
+model.init_weights()
+resuming = args.resume_from_step >= 0
+if resuming:
+    try:
+        model_state, optim_state, meta = load_checkpoint(ckpt_dir, args.resume_from_step, device, load_optimizer=True, rank=rank)
+    except (FileNotFoundError, ValueError) as e:
+        die(str(e))
+    if meta["model_config"] != config.to_dict():
+        die(f"--resume-from-step: checkpoint config {meta['model_config']} differs from the flags' {config.to_dict()}")
+    model.load_state_dict(model_state)
+    del model_state
+num_params = model.num_params()
+print0(f"model {model_tag}: pattern {config.block_pattern}, width {config.n_embd}, heads {config.n_head}, "
+       f"{num_params:,} parameters, vocab {vocab_size}, context {config.sequence_len}")
+
+optimizers = setup_optimizers(model, args.matrix_lr, args.embedding_lr, args.unembedding_lr, args.other_lr, args.weight_decay)
+if resuming:
+    for opt, state in zip(optimizers, optim_state):
+        opt.load_state_dict(state)
+    del optim_state
+
+# batch sizes
+tokens_per_fwd = args.device_batch_size * args.max_seq_len * world_size
+total_batch = tokens_per_fwd if args.total_batch_size == -1 else args.total_batch_size
+if total_batch % tokens_per_fwd:
+    die(f"--total-batch-size {total_batch} must be a multiple of device-batch-size*max-seq-len*processes = {tokens_per_fwd}")
+grad_accum = total_batch // tokens_per_fwd
+print0(f"{total_batch:,} tokens per step = {args.device_batch_size} seqs x {args.max_seq_len} tokens x {world_size} procs x {grad_accum} accumulation")
+
+# data
+try:
+    train_source, val_source = get_source(args.data, "train"), get_source(args.data, "val")
+except (ValueError, FileNotFoundError) as e:
+    die(str(e))
+start_doc = meta["loader_state"][rank]["next_doc"] if resuming else None
+if resuming and len(meta["loader_state"]) != world_size:
+    die(f"checkpoint was written by {len(meta['loader_state'])} processes; resume with the same number (got {world_size})")
+train_loader = PretrainLoader(train_source, tokenizer, args.device_batch_size, args.max_seq_len, rank, world_size, device, start_doc)
+
+
+def val_batches():
+    # the same validation documents every time, so evaluations compare
+    return iter(PretrainLoader(val_source, tokenizer, args.device_batch_size, args.max_seq_len, rank, world_size, device))
+
+
+eval_steps = max(1, args.eval_tokens // tokens_per_fwd)
+
+
+def lr_multiplier(step):
+    n = args.num_iterations
+    warmup, warmdown = round(args.warmup_ratio * n), round(args.warmdown_ratio * n)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step <= n - warmdown:
+        return 1.0
+    progress = (n - step) / warmdown
+    return progress + (1 - progress) * args.final_lr_frac
+
+
+def muon_momentum(step):
+    frac = min(step / 300, 1)   # ramp 0.85 -> 0.95 early, as nanochat
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+def sample_from_model(step):
+    engine = Engine(model, tokenizer)
+    model.eval()
+    for prompt in ("The capital of", "Q: Who founded", "Once upon a time"):
+        rows = engine.generate_batch(tokenizer.encode(prompt, prepend="<|bos|>"), max_tokens=24, temperature=0.0)
+        print0(f"  sample@{step}: {tokenizer.decode(rows[0].tokens[1:])!r}")
+    model.train()
+
+
+def save(step, val_bpb):
+    # the loader state from before the batch in hand was read, so a resume reads that batch again
+    loader_states = [None] * world_size
+    if ddp:
+        dist.all_gather_object(loader_states, x_state)
+    else:
+        loader_states = [x_state]
+    meta = {"model_config": config.to_dict(), "user_config": user_config, "step": step, "val_bpb": val_bpb,
+            "loader_state": loader_states, "loop_state": {"total_train_time": total_train_time}, "phase": "base"}
+    save_checkpoint(ckpt_dir, step, model.state_dict(), [o.state_dict() for o in optimizers], meta, rank)
+    print0(f"saved checkpoint step {step} to {ckpt_dir}")
+
+
+# -----------------------------------------------------------------------------
+# Training loop
+step = args.resume_from_step if resuming else 0
+total_train_time = meta["loop_state"]["total_train_time"] if resuming else 0.0
+val_bpb = None
+smooth_loss = 0.0
+model.train()
+x_state = train_loader.state_dict()
+x, y = train_loader.next_batch()
+while True:
+    last = step == args.num_iterations
+    if last or (args.eval_every > 0 and step % args.eval_every == 0 and step > 0):
+        model.eval()
+        with autocast_ctx(device):
+            val_bpb = evaluate_bpb(model, val_batches(), eval_steps, token_bytes)
+        print0(f"step {step:5d} | val bpb {val_bpb:.4f}")
+        wandb_run.log({"step": step, "val/bpb": val_bpb})
+        model.train()
+    if master and (last or (args.sample_every > 0 and step % args.sample_every == 0 and step > 0)):
+        sample_from_model(step)
+    if last or (args.save_every > 0 and step % args.save_every == 0 and step > 0 and step != args.resume_from_step):
+        save(step, val_bpb)
+    if last:
+        break
+
+    t0 = time.time()
+    for _ in range(grad_accum):
+        with autocast_ctx(device):
+            loss = model(x, y)
+        (loss / grad_accum).backward()
+        x_state = train_loader.state_dict()
+        x, y = train_loader.next_batch()
+    all_reduce_grads(model)
+    lrm = lr_multiplier(step)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+    for group in optimizers[-1].param_groups if len(optimizers) > 1 else []:
+        group["momentum"] = muon_momentum(step)
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    loss_value = loss.item()
+    if not math.isfinite(loss_value):
+        die(f"loss became {loss_value} at step {step}: lower the learning rates")
+    dt = time.time() - t0
+    if step > 0:   # the first step includes warm-up costs
+        total_train_time += dt
+    step += 1
+    smooth_loss = 0.9 * smooth_loss + 0.1 * loss_value
+    steps_this_run = step - (args.resume_from_step if resuming else 0)
+    debiased = smooth_loss / (1 - 0.9 ** steps_this_run)
+    tok_per_sec = total_batch / dt
+    print0(f"step {step:5d}/{args.num_iterations} | loss {loss_value:.4f} (smooth {debiased:.4f}) | lrm {lrm:.2f} | "
+           f"{dt * 1000:.0f} ms | {tok_per_sec:,.0f} tok/s | total {total_train_time / 60:.2f} min")
+    wandb_run.log({"step": step, "train/loss": loss_value, "train/lrm": lrm, "train/tok_per_sec": tok_per_sec})
+
+print0(f"done: {step} steps, {total_train_time / 60:.2f} min of training, final val bpb {val_bpb:.4f}")
+wandb_run.finish()
+compute_cleanup()
