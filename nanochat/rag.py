@@ -1,0 +1,117 @@
+"""
+Scoring answers that were written with retrieval. One implementation, used by the tasks
+(evaluate / reward), by RL and by chat_eval, so a number means the same thing everywhere.
+
+A completion is either a plain string or a list of assistant parts, the format
+render_conversation knows: {"type": "text"|"search"|"search_results"|"python"|"python_output", ...}.
+The final answer is the text written after the last search (its results included): text the
+model wrote before or between searches is thinking out loud, not the answer.
+"""
+import re
+import string
+from collections import Counter
+
+# SQuAD's normalisation: lowercase, no punctuation, no articles, single spaces
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans("", "", string.punctuation)
+_CITATION = re.compile(r"\[(\d+)\]")
+
+MAX_QUERY_WORDS = 32   # a "search" longer than this is the model rambling, not a query
+
+
+def normalize_answer(s):
+    s = s.lower().translate(_PUNCT)
+    s = _ARTICLES.sub(" ", s)
+    return " ".join(s.split())
+
+
+def exact_match(prediction, answers):
+    """1.0 if the normalised prediction equals any normalised gold answer, else 0.0."""
+    pred = normalize_answer(prediction)
+    return float(any(pred == normalize_answer(a) for a in answers))
+
+
+def f1_score(prediction, answers):
+    """Best token-level F1 between the prediction and any gold answer (SQuAD style)."""
+    pred_tokens = normalize_answer(prediction).split()
+    best = 0.0
+    for answer in answers:
+        gold_tokens = normalize_answer(answer).split()
+        if not pred_tokens or not gold_tokens:
+            best = max(best, float(pred_tokens == gold_tokens))
+            continue
+        common = sum((Counter(pred_tokens) & Counter(gold_tokens)).values())
+        if common == 0:
+            continue
+        precision, recall = common / len(pred_tokens), common / len(gold_tokens)
+        best = max(best, 2 * precision * recall / (precision + recall))
+    return best
+
+
+def citations(text):
+    """Document numbers cited as [n] in a text, in order of first appearance."""
+    seen = []
+    for m in _CITATION.finditer(text):
+        n = int(m.group(1))
+        if n not in seen:
+            seen.append(n)
+    return seen
+
+
+def strip_citations(text):
+    return " ".join(_CITATION.sub(" ", text).split())
+
+
+def _parts(completion):
+    return [{"type": "text", "text": completion}] if isinstance(completion, str) else completion
+
+
+def final_text(completion):
+    """The text parts after the last search / search_results part, joined, citations kept."""
+    parts = _parts(completion)
+    last_tool = max((i for i, p in enumerate(parts) if p["type"] in ("search", "search_results")), default=-1)
+    return "".join(p["text"] for p in parts[last_tool + 1:] if p["type"] == "text").strip()
+
+
+def answer_text(completion):
+    """The final answer as scored: final_text without its [n] citations."""
+    return strip_citations(final_text(completion))
+
+
+def search_queries(completion):
+    return [p["text"] for p in _parts(completion) if p["type"] == "search"]
+
+
+def retrieved_documents(completion):
+    """Every document the searches of a completion brought back, in order (the numbering
+    render_conversation gives them continues after the documents of the prompt)."""
+    return [d for p in _parts(completion) if p["type"] == "search_results" for d in p["documents"]]
+
+
+def gold_recall(retrieved_ids, gold_ids):
+    """Fraction of the gold documents that were retrieved at least once (1.0 if there are none)."""
+    gold = set(gold_ids)
+    if not gold:
+        return 1.0
+    return len(gold & set(retrieved_ids)) / len(gold)
+
+
+def well_formed_query(query):
+    words = query.split()
+    return 0 < len(words) <= MAX_QUERY_WORDS and "<|" not in query
+
+
+def format_score(completion):
+    """In [0, 1]: half for a non-empty final answer, half for every search being a real query."""
+    answered = bool(answer_text(completion))
+    searches_ok = all(well_formed_query(q) for q in search_queries(completion))
+    return 0.5 * answered + 0.5 * searches_ok
+
+
+def qa_reward(completion, answers, metric="em", format_weight=0.1):
+    """Answer score (EM or token F1 of the final answer) + format_weight * format_score.
+    A wrong answer earns at most format_weight whatever its form; a completion that only
+    searches has no final answer, so it earns no answer score at all."""
+    answer = answer_text(completion)
+    score = exact_match(answer, answers) if metric == "em" else f1_score(answer, answers)
+    return score + format_weight * format_score(completion)

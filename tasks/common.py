@@ -1,0 +1,202 @@
+"""
+The Task API: a dataset of conversations as a lazy, sliceable view, plus mixtures and
+sequences of tasks, and the one place that fetches Hugging Face datasets as parquet files.
+
+A task example is a dict {"messages": [...], ...} in the format render_conversation knows;
+other keys (letters, answers, hops, ...) ride along for evaluation.
+"""
+import os
+import glob
+import random
+
+from nanochat.common import get_base_dir, UserError
+
+
+class Task:
+    """Base class. Subclasses implement num_examples, get_example, eval_type and evaluate.
+    start/stop/step give a view on the underlying examples without copying anything."""
+
+    def __init__(self, start=0, stop=None, step=1):
+        assert start >= 0, f"start must be non-negative, got {start}"
+        assert stop is None or stop >= start, f"stop must be >= start, got {start}, {stop}"
+        assert step >= 1, f"step must be positive, got {step}"
+        self.start, self.stop, self.step = start, stop, step
+
+    @property
+    def eval_type(self):
+        raise NotImplementedError   # 'generative' or 'categorical'
+
+    def num_examples(self):
+        raise NotImplementedError
+
+    def get_example(self, index):
+        raise NotImplementedError
+
+    def evaluate(self, conversation, completion):
+        raise NotImplementedError
+
+    def reward(self, conversation, completion):
+        """Scalar for RL; by default the evaluation outcome."""
+        return float(self.evaluate(conversation, completion))
+
+    def prefetch(self, indices):
+        """Hint that the examples at these (view) indices come next. Tasks that do expensive
+        work per example (retrieval) do it here in one batch; for the others it is free."""
+
+    def physical_index(self, index):
+        return self.start + index * self.step
+
+    def __len__(self):
+        stop = self.num_examples() if self.stop is None else self.stop
+        return max(0, (stop - self.start + self.step - 1) // self.step)
+
+    def __getitem__(self, index):
+        assert isinstance(index, int), f"index must be an int, got {type(index)}"
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a task of {len(self)} examples")
+        return self.get_example(self.physical_index(index))
+
+
+PREFETCH_WINDOW = 256   # mixtures tell their tasks this many upcoming examples at a time
+
+
+class TaskMixture(Task):
+    """Examples of several tasks, shuffled together deterministically. To oversample a task,
+    list it more than once. Walking a mixture in order prefetches each child task's upcoming
+    examples in blocks, so retrieval-backed tasks get batched queries even though the
+    shuffle makes their own indices arrive in random order."""
+
+    def __init__(self, tasks, **kwargs):
+        super().__init__(**kwargs)
+        self.tasks = tasks
+        self.index_map = [(t, i) for t, task in enumerate(tasks) for i in range(len(task))]
+        random.Random(42).shuffle(self.index_map)
+        self._window = range(0)   # physical indices whose prefetch hint was already given
+
+    @property
+    def eval_type(self):
+        return "generative"
+
+    def num_examples(self):
+        return len(self.index_map)
+
+    def _prefetch_physical(self, indices):
+        by_task = {}
+        for i in indices:
+            t, local = self.index_map[i]
+            by_task.setdefault(t, []).append(local)
+        for t, local in by_task.items():
+            self.tasks[t].prefetch(local)
+
+    def prefetch(self, indices):
+        self._prefetch_physical([self.physical_index(i) for i in indices])
+
+    def get_example(self, index):
+        if index not in self._window:
+            self._window = range(index, min(index + PREFETCH_WINDOW, len(self.index_map)))
+            self._prefetch_physical(self._window)
+        t, local = self.index_map[index]
+        return self.tasks[t][local]
+
+
+class TaskSequence(Task):
+    """Tasks one after the other, unshuffled: a curriculum."""
+
+    def __init__(self, tasks, **kwargs):
+        super().__init__(**kwargs)
+        self.tasks = tasks
+        self.offsets = []
+        total = 0
+        for task in tasks:
+            self.offsets.append(total)
+            total += len(task)
+        self.total = total
+
+    @property
+    def eval_type(self):
+        return "generative"
+
+    def num_examples(self):
+        return self.total
+
+    def _locate(self, index):
+        for t in reversed(range(len(self.tasks))):
+            if index >= self.offsets[t]:
+                return t, index - self.offsets[t]
+        raise IndexError(index)
+
+    def prefetch(self, indices):
+        by_task = {}
+        for i in indices:
+            t, local = self._locate(self.physical_index(i))
+            by_task.setdefault(t, []).append(local)
+        for t, local in by_task.items():
+            self.tasks[t].prefetch(local)
+
+    def get_example(self, index):
+        t, local = self._locate(index)
+        return self.tasks[t][local]
+
+
+def render_mc(question, letters, choices):
+    """A multiple-choice question as a user message. The letter comes right after each choice
+    ("- Paris=A") so that a small model sees the letter next to the text it names."""
+    query = f"Multiple Choice question: {question}\n"
+    query += "".join(f"- {choice}={letter}\n" for letter, choice in zip(letters, choices))
+    query += "\nRespond only with the letter of the correct answer."
+    return query
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face datasets without the `datasets` library: the Hub serves every public dataset
+# as parquet files (the auto-converted "refs/convert/parquet" branch), listed by one API call.
+# Local layout, for downloads and for hand-placed files alike: ROOT/{config}/{split}/*.parquet
+
+HF_API = "https://huggingface.co/api/datasets"
+
+
+def hf_parquet_files(repo, config, split, data_dir=None):
+    """Paths of the parquet files of one split. With data_dir, read only what is there
+    (tests, offline users); without, download once into $NANOCHAT_BASE_DIR/hf_datasets."""
+    root = data_dir or os.path.join(get_base_dir(), "hf_datasets", repo.replace("/", "__"))
+    folder = os.path.join(root, config, split)
+    files = sorted(glob.glob(os.path.join(folder, "*.parquet")))
+    if files or data_dir:
+        if not files:
+            raise UserError(f"no parquet files in {folder} (expected {{config}}/{{split}}/*.parquet under {data_dir})")
+        return files
+    import requests
+    try:
+        resp = requests.get(f"{HF_API}/{repo}/parquet/{config}/{split}", timeout=30)
+        resp.raise_for_status()
+        urls = resp.json()
+        os.makedirs(folder, exist_ok=True)
+        for k, url in enumerate(urls):
+            path = os.path.join(folder, f"{k:04d}.parquet")
+            with requests.get(url, stream=True, timeout=60) as r:
+                r.raise_for_status()
+                with open(path + ".tmp", "wb") as f:
+                    for chunk in r.iter_content(1 << 20):
+                        f.write(chunk)
+            os.replace(path + ".tmp", path)   # a killed download never looks complete
+    except (requests.RequestException, ValueError) as e:
+        raise UserError(f"could not download {repo} ({config}/{split}) from huggingface.co "
+                        f"({type(e).__name__}); offline? put its parquet files in {folder} or pass data_dir") from None
+    return sorted(glob.glob(os.path.join(folder, "*.parquet")))
+
+
+class ParquetRows:
+    """Random access to the rows of parquet files as dicts, converting one row at a time
+    (turning 500k SmolTalk conversations into Python objects up front takes minutes)."""
+
+    def __init__(self, files):
+        import pyarrow.parquet as pq
+        import pyarrow as pa
+        self.table = pa.concat_tables([pq.read_table(f) for f in files]).combine_chunks()
+        self.columns = {name: self.table.column(name) for name in self.table.column_names}
+
+    def __len__(self):
+        return self.table.num_rows
+
+    def __getitem__(self, i):
+        return {name: col[i].as_py() for name, col in self.columns.items()}
