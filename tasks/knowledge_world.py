@@ -1,0 +1,327 @@
+"""
+A fictional encyclopedia: the offline default for learning to read retrieved documents.
+
+People, cities, organisations and works with made-up two-syllable names ("Balun", "Toral"),
+one short encyclopedia article per entity, and questions about them: single-hop, 2-hop
+bridges ("Where was the founder of Kelto born?"), comparisons ("Who was born first, Balun
+or Dorik?") and 3-hop chains. Every fact is invented, so a model can only answer by
+reading the documents — and the design follows what was measured on a CPU:
+
+- Names are split once and for all into a training and a held-out set by a hash of the
+  name, so no world the training side generates, even an endless stream of them, ever
+  contains a held-out name. Held-out questions can only be answered by retrieving.
+- A fixed training world gets memorised by a small model (73% train, 0% held-out), so for
+  training there is an endless stream of fresh mini-worlds, each with its own small KB.
+- Question wordings differ in their first words by what they ask (Where/When/Who/What job),
+  so the answer type is known early; `rigid=True` uses one article template and one
+  phrasing per question for the first curriculum stage.
+
+    python -m tasks.knowledge_world --out DIR     # KB inputs + QA files of both worlds
+"""
+import os
+import json
+import zlib
+import random
+import argparse
+
+from tasks.common import Task
+from nanochat.rag import answer_text, exact_match, qa_reward
+
+# -----------------------------------------------------------------------------
+# Names: onset-vowel + onset-vowel-coda, e.g. Ba+lun. 14*5 * 14*5*7 = 34,300 names.
+
+ONSETS = "b d f g k l m n p r s t v z".split()
+VOWELS = "a e i o u".split()
+CODAS = ["", "n", "l", "r", "s", "k", "m"]
+
+PROFESSIONS = ("baker painter sailor farmer doctor teacher poet weaver potter miner singer judge "
+               "tailor builder hunter fisher dancer merchant soldier priest").split()
+INDUSTRIES = "shipping mining textiles banking farming printing brewing glassmaking timber railways fishing pottery".split()
+GENRES = "novel poem play song ballad film story hymn".split()   # no vowel first: "a {genre}"
+PRODUCTS = "salt wine glass silk cheese horses bridges olives copper music tea wool".split()
+
+HELDOUT_BUCKETS = 8   # one name in 8 is held out
+
+
+def is_heldout_name(name):
+    # crc32, not hash(): Python's string hash changes from run to run
+    return zlib.crc32(name.encode()) % HELDOUT_BUCKETS == 0
+
+
+def _all_names():
+    words = set(PROFESSIONS + INDUSTRIES + GENRES + PRODUCTS)
+    names = []
+    for o1 in ONSETS:
+        for v1 in VOWELS:
+            for o2 in ONSETS:
+                for v2 in VOWELS:
+                    for c in CODAS:
+                        name = o1 + v1 + o2 + v2 + c
+                        if name not in words:   # "novel" would make a confusing name
+                            names.append(name.capitalize())
+    return names
+
+
+ALL_NAMES = _all_names()
+TRAIN_NAMES = [n for n in ALL_NAMES if not is_heldout_name(n)]
+HELDOUT_NAMES = [n for n in ALL_NAMES if is_heldout_name(n)]
+
+# -----------------------------------------------------------------------------
+# Articles. Template 0 of each kind is the rigid one; the others vary word order and
+# wording so that reading, not position, finds the fact.
+
+ARTICLES = {
+    "person": [
+        "{name} was born in {born_in} in {year}. {name} works as a {job}.",
+        "{name} (born {year} in {born_in}) is a {job}.",
+        "{name} is a {job} who was born in {born_in} in {year}.",
+        "Born in {born_in} in {year}, {name} became a {job}.",
+        "{name}, a {job} from {born_in}, was born in {year}.",
+    ],
+    "org": [
+        "{name} was founded by {founder} in {year}. {name} is a {industry} company based in {city}.",
+        "{name} is a {industry} company based in {city}, founded by {founder} in {year}.",
+        "Founded in {year} by {founder}, {name} is a {industry} firm with its seat in {city}.",
+        "{founder} founded {name}, a {industry} company in {city}, in {year}.",
+    ],
+    "work": [
+        "{name} is a {genre} written by {author} in {year}.",
+        "{name} ({year}) is a {genre} by {author}.",
+        "{author} wrote the {genre} {name} in {year}.",
+        "The {genre} {name} was written by {author} and appeared in {year}.",
+    ],
+    "city": [
+        "{name} is a city in {country}. {name} is known for {known_for}.",
+        "{name}, a city in {country}, is famous for its {known_for}.",
+        "The city of {name} lies in {country} and is known for {known_for}.",
+    ],
+}
+
+# Questions per (kind, attribute); phrasing 0 is the rigid one. {e} is a name or a
+# description such as "the founder of Kelto", so multi-hop questions compose from these.
+QUESTIONS = {
+    ("person", "born_in"): ["Where was {e} born?", "In which city was {e} born?", "What is the birthplace of {e}?"],
+    ("person", "year"): ["When was {e} born?", "In what year was {e} born?", "What is the birth year of {e}?"],
+    ("person", "job"): ["What job does {e} have?", "What is the profession of {e}?", "What does {e} do for a living?"],
+    ("org", "founder"): ["Who founded {e}?", "Who is the founder of {e}?", "Which person founded {e}?"],
+    ("org", "city"): ["Where is {e} based?", "In which city is {e} based?", "Which city is the home of {e}?"],
+    ("org", "year"): ["When was {e} founded?", "In what year was {e} founded?", "What is the founding year of {e}?"],
+    ("org", "industry"): ["What industry is {e} in?", "Which industry does {e} work in?", "What business is {e} in?"],
+    ("work", "author"): ["Who wrote {e}?", "Who is the author of {e}?", "Which person wrote {e}?"],
+    ("work", "year"): ["When was {e} written?", "In what year was {e} written?", "What year is {e} from?"],
+    ("work", "genre"): ["What kind of work is {e}?", "What genre is {e}?", "What type of work is {e}?"],
+    ("city", "country"): ["Which country is {e} in?", "In which country is {e}?", "What country is {e} in?"],
+    ("city", "known_for"): ["What is {e} known for?", "What is {e} famous for?", "What makes {e} famous?"],
+}
+# relations lead from one entity to another; their phrase describes the target
+RELATIONS = {
+    ("org", "founder"): ("person", "the founder of {e}"),
+    ("work", "author"): ("person", "the author of {e}"),
+    ("person", "born_in"): ("city", "the birthplace of {e}"),
+    ("org", "city"): ("city", "the home city of {e}"),
+}
+COMPARISONS = {
+    "person": ["Who was born first, {a} or {b}?", "Who is older, {a} or {b}?", "Which person was born earlier, {a} or {b}?"],
+    "org": ["Which was founded first, {a} or {b}?", "Which company is older, {a} or {b}?", "Which was founded earlier, {a} or {b}?"],
+    "work": ["Which was written first, {a} or {b}?", "Which work is older, {a} or {b}?", "Which was written earlier, {a} or {b}?"],
+}
+# multi-hop paths: (start kind, relations followed, final attribute's kind)
+PATHS_2HOP = [("org", ["founder"]), ("work", ["author"]), ("person", ["born_in"]), ("org", ["city"])]
+PATHS_3HOP = [("org", ["founder", "born_in"]), ("work", ["author", "born_in"])]
+
+
+class World:
+    """Entities (dicts with a 'kind', a 'name' and attributes) and their articles. Every
+    name is unique in a world and is also its document's id and title."""
+
+    def __init__(self, entities, rigid):
+        self.entities = {e["name"]: e for e in entities}
+        self.rigid = rigid
+        self.by_kind = {k: [e for e in entities if e["kind"] == k] for k in ARTICLES}
+
+    def documents(self):
+        """The KB: one {"id", "title", "text"} per entity (countries have no article)."""
+        return [{"id": e["name"], "title": e["name"], "text": e["text"]} for e in self.entities.values() if e["kind"] in ARTICLES]
+
+    def question(self, rng, hops=1, rigid=None):
+        """A random question: {"question", "answers", "hops" (gold doc ids, in reading order),
+        "queries" (a search a model can write for each hop: the name it has seen), "type"}.
+        hops=1 single-hop, hops=2 a bridge or (one in four) a comparison, hops=3 a chain."""
+        rigid = self.rigid if rigid is None else rigid
+        pick = (lambda options: options[0]) if rigid else rng.choice
+        if hops == 2 and rng.random() < 0.25:
+            kind = rng.choice(list(COMPARISONS))
+            for _ in range(10):   # two entities of one kind with different years (almost always the first try)
+                a, b = rng.sample(self.by_kind[kind], 2)
+                if a["year"] != b["year"]:
+                    first = a if a["year"] < b["year"] else b
+                    return {"question": pick(COMPARISONS[kind]).format(a=a["name"], b=b["name"]),
+                            "answers": [first["name"]], "hops": [a["name"], b["name"]],
+                            "queries": [a["name"], b["name"]], "type": "comparison"}
+        if hops == 1:
+            start_kind, relations = rng.choice(list(ARTICLES)), []
+        else:
+            start_kind, relations = rng.choice(PATHS_2HOP if hops == 2 else PATHS_3HOP)
+        entity = rng.choice(self.by_kind[start_kind])
+        e, chain = entity["name"], [entity]
+        for rel in relations:
+            target_kind, phrase = RELATIONS[(chain[-1]["kind"], rel)]
+            chain.append(self.entities[chain[-1][rel]])
+            e = phrase.format(e=e)
+        last = chain[-1]
+        attribute = rng.choice([a for (k, a) in QUESTIONS if k == last["kind"]])
+        question = pick(QUESTIONS[(last["kind"], attribute)]).format(e=e)
+        names = [c["name"] for c in chain]
+        return {"question": question, "answers": [str(last[attribute])],
+                "hops": names, "queries": names, "type": "single" if hops == 1 else f"{hops}-hop"}
+
+    def write_kb_input(self, path):
+        """The jsonl that `python -m kb_tools.build_kb --input PATH --out KB_DIR` reads."""
+        with open(path, "w", encoding="utf-8") as f:
+            for doc in self.documents():
+                f.write(json.dumps(doc) + "\n")
+
+    def write_qa(self, path, n, hops=1, seed=0):
+        """n questions in tasks.jsonl_qa's format, plus 'hops' (gold doc ids in order) and 'type'."""
+        rng = random.Random(f"qa-{seed}-{hops}")
+        with open(path, "w", encoding="utf-8") as f:
+            for _ in range(n):
+                q = self.question(rng, hops)
+                f.write(json.dumps({"question": q["question"], "answers": q["answers"], "supporting_ids": q["hops"],
+                                    "hops": q["hops"], "type": q["type"]}) + "\n")
+
+
+def make_world(seed, split="train", people=8, cities=4, orgs=4, works=4, countries=3, rigid=False):
+    """A deterministic world: same arguments, same world. split picks the name pool."""
+    rng = random.Random(f"world-{split}-{seed}")
+    pool = TRAIN_NAMES if split == "train" else HELDOUT_NAMES
+    assert split in ("train", "heldout"), f"split must be train or heldout, got {split!r}"
+    names = iter(rng.sample(pool, people + cities + orgs + works + countries))
+    country_names = [next(names) for _ in range(countries)]
+    entities = []
+    for _ in range(cities):
+        entities.append({"kind": "city", "name": next(names), "country": rng.choice(country_names),
+                         "known_for": rng.choice(PRODUCTS)})
+    city_names = [e["name"] for e in entities]
+    persons = []
+    for _ in range(people):
+        persons.append({"kind": "person", "name": next(names), "born_in": rng.choice(city_names),
+                        "year": rng.randint(1700, 1960), "job": rng.choice(PROFESSIONS)})
+    entities += persons
+    for _ in range(orgs):
+        founder = rng.choice(persons)
+        entities.append({"kind": "org", "name": next(names), "founder": founder["name"], "city": rng.choice(city_names),
+                         "year": founder["year"] + rng.randint(20, 60), "industry": rng.choice(INDUSTRIES)})
+    for _ in range(works):
+        author = rng.choice(persons)
+        entities.append({"kind": "work", "name": next(names), "author": author["name"],
+                         "year": author["year"] + rng.randint(18, 70), "genre": rng.choice(GENRES)})
+    entities += [{"kind": "country", "name": c} for c in country_names]
+    for e in entities:
+        if e["kind"] in ARTICLES:
+            templates = ARTICLES[e["kind"]]
+            template = templates[0] if rigid else rng.choice(templates)
+            e["text"] = template.format(**e)
+    return World(entities, rigid)
+
+
+def mini_world(rng, split="train", rigid=False):
+    """A small random world (10-25 articles) for one training example."""
+    return make_world(rng.getrandbits(64), split, people=rng.randint(4, 10), cities=rng.randint(2, 5),
+                      orgs=rng.randint(2, 5), works=rng.randint(2, 5), countries=rng.randint(2, 3), rigid=rigid)
+
+
+def training_world(seed=0, rigid=False):
+    """The fixed training world (about 3,000 articles)."""
+    return make_world(seed, "train", people=2000, cities=200, orgs=400, works=400, countries=20, rigid=rigid)
+
+
+def heldout_world(seed=0, rigid=False):
+    """The held-out evaluation world (510 articles), names disjoint from any training name."""
+    return make_world(seed, "heldout", people=300, cities=50, orgs=80, works=80, countries=8, rigid=rigid)
+
+
+# -----------------------------------------------------------------------------
+# Tasks
+
+def _conversation(q, **extra):
+    return {"messages": [{"role": "user", "content": q["question"]}, {"role": "assistant", "content": q["answers"][0]}],
+            "answers": q["answers"], "hops": q["hops"], "queries": q["queries"], "type": q["type"], **extra}
+
+
+class _WorldQATask(Task):
+    @property
+    def eval_type(self):
+        return "generative"
+
+    def evaluate(self, conversation, completion):
+        return exact_match(answer_text(completion), conversation["answers"])
+
+    def reward(self, conversation, completion):
+        return qa_reward(completion, conversation["answers"])
+
+
+class WorldQA(_WorldQATask):
+    """Questions about one fixed world (its KB is world.documents()): training world for
+    RAG over a fixed KB, held-out world for evaluation."""
+
+    def __init__(self, world, hops=1, num_examples=1000, seed=0, **kwargs):
+        super().__init__(**kwargs)
+        self.world, self.hops, self.n, self.seed = world, hops, num_examples, seed
+
+    def num_examples(self):
+        return self.n
+
+    def get_example(self, index):
+        return _conversation(self.world.question(random.Random(f"q-{self.seed}-{self.hops}-{index}"), self.hops))
+
+
+class WorldStream(_WorldQATask):
+    """Every example is a question about its own freshly generated mini-world, whose
+    articles travel with it as example["kb"] (retrieve from them, e.g. RAGTask(.., "bm25")).
+    Deterministic per (seed, index); names always come from the training pool."""
+
+    def __init__(self, hops=1, rigid=False, num_examples=100_000, seed=0, **kwargs):
+        super().__init__(**kwargs)
+        self.hops, self.rigid, self.n, self.seed = hops, rigid, num_examples, seed
+
+    def num_examples(self):
+        return self.n
+
+    def get_example(self, index):
+        rng = random.Random(f"stream-{self.seed}-{index}")
+        world = mini_world(rng, "train", self.rigid)
+        return _conversation(world.question(rng, self.hops), kb=world.documents())
+
+
+# -----------------------------------------------------------------------------
+# Plain-text pretraining documents
+
+def pretraining_documents(seed=0):
+    """Endless plain-text documents: the articles of a fresh mini-world, then question /
+    answer lines about them, so that base pretraining already learns to look a fact up
+    earlier in the context. Training names only; no special tokens."""
+    rng = random.Random(f"pretrain-{seed}")
+    while True:
+        world = mini_world(rng, "train", rigid=rng.random() < 0.3)
+        docs = world.documents()
+        rng.shuffle(docs)
+        lines = [f"{d['title']}\n{d['text']}" for d in docs]
+        qa = [world.question(rng, rng.choice([1, 1, 1, 2, 2, 3])) for _ in range(rng.randint(4, 10))]
+        lines.append("\n".join(f"Q: {q['question']}\nA: {q['answers'][0]}" for q in qa))
+        yield "\n\n".join(lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="write the knowledge worlds' KB inputs and QA files")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rigid", action="store_true", help="one article template and one phrasing per question")
+    parser.add_argument("--num-questions", type=int, default=500, help="questions per QA file")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    for name, world in [("train", training_world(args.seed, args.rigid)), ("heldout", heldout_world(args.seed, args.rigid))]:
+        world.write_kb_input(os.path.join(args.out, f"{name}_kb.jsonl"))
+        for hops in (1, 2, 3):
+            world.write_qa(os.path.join(args.out, f"{name}_qa_{hops}hop.jsonl"), args.num_questions, hops, args.seed)
+        print(f"{name}: {len(world.documents())} articles -> {args.out}/{name}_kb.jsonl, {name}_qa_{{1,2,3}}hop.jsonl")

@@ -1,0 +1,123 @@
+"""
+The knowledge world: determinism, held-out names never produced by training worlds or the
+pretraining stream, every answer stated in its gold documents, and 2-hop chains that the
+project's own BM25 resolves (recall@5 >= 0.9 per hop) over the held-out KB.
+"""
+import re
+import json
+import random
+
+from nanochat.rag import normalize_answer
+from nanochat.retrieval import Document, make_retriever
+from tasks.knowledge_world import (TRAIN_NAMES, HELDOUT_NAMES, ALL_NAMES, QUESTIONS, is_heldout_name, make_world,
+                                   mini_world, training_world, heldout_world, WorldQA, WorldStream, pretraining_documents)
+from tasks.jsonl_qa import JsonlQA
+
+CAPITALISED = re.compile(r"\b[A-Z][a-z]+\b")
+
+
+def test_name_partition_is_a_fixed_disjoint_split():
+    assert set(TRAIN_NAMES).isdisjoint(HELDOUT_NAMES)
+    assert len(TRAIN_NAMES) + len(HELDOUT_NAMES) == len(ALL_NAMES) == len(set(ALL_NAMES))
+    assert 3000 < len(HELDOUT_NAMES) < len(TRAIN_NAMES)
+    # short names: 2 syllables, at most 5 letters
+    assert max(len(n) for n in ALL_NAMES) <= 5
+    assert all(is_heldout_name(n) for n in HELDOUT_NAMES)
+
+
+def test_worlds_are_deterministic_per_seed():
+    assert make_world(3).documents() == make_world(3).documents()
+    assert make_world(3).documents() != make_world(4).documents()
+    assert heldout_world().documents() == heldout_world().documents()
+    stream = WorldStream(hops=2, num_examples=50)
+    assert [stream[i] for i in range(20)] == [WorldStream(hops=2, num_examples=50)[i] for i in range(20)]
+    gen_a, gen_b = pretraining_documents(1), pretraining_documents(1)
+    assert [next(gen_a) for _ in range(5)] == [next(gen_b) for _ in range(5)]
+
+
+def test_training_side_never_produces_a_heldout_name():
+    heldout = set(HELDOUT_NAMES)
+    held = heldout_world()
+    held_names = {d["id"] for d in held.documents()}
+    assert held_names <= heldout
+    train_text = [d["text"] for d in training_world().documents()]
+    stream = WorldStream(hops=3, num_examples=2000)
+    train_text += [json.dumps(stream[i]) for i in range(0, 2000, 5)]
+    docs = pretraining_documents(0)
+    train_text += [next(docs) for _ in range(500)]
+    for text in train_text:
+        words = set(CAPITALISED.findall(text))
+        assert not (words & heldout), f"held-out name in training text: {words & heldout}"
+    # and the held-out world's articles mention no training name
+    train_names = set(TRAIN_NAMES)
+    for d in held.documents():
+        assert not (set(CAPITALISED.findall(d["text"])) & train_names)
+
+
+def test_every_answer_is_stated_in_its_gold_documents():
+    for world in (heldout_world(), heldout_world(rigid=True), mini_world(random.Random(7))):
+        docs = {d["id"]: d for d in world.documents()}
+        rng = random.Random(0)
+        for hops in (1, 2, 3):
+            for _ in range(300):
+                q = world.question(rng, hops)
+                assert len(q["hops"]) == (2 if q["type"] == "comparison" else hops)
+                last = docs[q["hops"][-1]]
+                gold_text = " ".join(docs[h]["title"] + " " + docs[h]["text"] for h in q["hops"])
+                answer = normalize_answer(q["answers"][0])
+                assert answer in normalize_answer(gold_text)
+                if q["type"] != "comparison":   # the final fact sits in the last hop's article
+                    assert answer in normalize_answer(last["text"])
+                # each hop's query (a name) is in the question or in the previous hop's article
+                for k, query in enumerate(q["queries"]):
+                    seen = q["question"] if k == 0 else docs[q["hops"][k - 1]]["text"]
+                    assert query in seen or (q["type"] == "comparison" and query in q["question"])
+
+
+def test_question_wording_tells_the_answer_type_early():
+    # within one kind, the first two words of the rigid phrasings differ between attributes
+    for kind in ("person", "org", "work", "city"):
+        firsts = [" ".join(p[0].split()[:2]) for (k, a), p in QUESTIONS.items() if k == kind]
+        assert len(firsts) == len(set(firsts)), firsts
+
+
+def test_two_hop_chains_resolve_with_project_bm25():
+    """Every hop's query finds its gold article in the top 5 of the held-out KB, >= 90%."""
+    for rigid in (False, True):
+        world = heldout_world(rigid=rigid)
+        bm25 = make_retriever("bm25", [Document(d["id"], d["title"], d["text"]) for d in world.documents()])
+        rng = random.Random(1)
+        for hops in (2, 3):
+            questions = [world.question(rng, hops) for _ in range(200)]
+            for k in range(hops):
+                pairs = [(q["queries"][k], q["hops"][k]) for q in questions if len(q["hops"]) > k]
+                results = bm25.search_batch([query for query, _ in pairs], 5)
+                recall = sum(gold in [r.document.doc_id for r in res] for (_, gold), res in zip(pairs, results)) / len(pairs)
+                assert recall >= 0.9, f"hop {k + 1} of {hops}-hop questions: recall@5 {recall:.2f}"
+
+
+def test_qa_and_kb_files(tmp_path):
+    world = heldout_world()
+    world.write_kb_input(tmp_path / "kb.jsonl")
+    kb = [json.loads(line) for line in open(tmp_path / "kb.jsonl")]
+    assert len(kb) == 510 and set(kb[0]) == {"id", "title", "text"}
+    world.write_qa(tmp_path / "qa2.jsonl", 50, hops=2)
+    task = JsonlQA(str(tmp_path / "qa2.jsonl"))
+    ids = {d["id"] for d in kb}
+    for i in range(len(task)):
+        ex = task[i]
+        assert ex["hops"] and set(ex["hops"]) <= ids and ex["supporting_ids"] == ex["hops"]
+
+
+def test_tasks_and_pretraining_text():
+    stream = WorldStream(hops=1, rigid=True, num_examples=100)
+    ex = stream[0]
+    assert 10 <= len(ex["kb"]) <= 25 and ex["messages"][-1]["content"] == ex["answers"][0]
+    assert stream.evaluate(ex, ex["answers"][0]) == 1.0 and stream.reward(ex, "nope") <= 0.1
+    fixed = WorldQA(heldout_world(), hops=3, num_examples=10)
+    assert len(fixed) == 10 and len(fixed[3]["hops"]) == 3
+    docs = pretraining_documents(0)
+    texts = [next(docs) for _ in range(300)]
+    total = sum(len(t) for t in texts)
+    assert total > 300_000 and len(set(texts)) == len(texts)
+    assert all("<|" not in t for t in texts) and all("\nQ: " in t and "\nA: " in t for t in texts)
