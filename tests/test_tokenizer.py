@@ -1,0 +1,149 @@
+"""Tokenizer: round trips, persistence, and every rule of render_conversation's mask."""
+import pytest
+
+from nanochat.tokenizer import Tokenizer, SPECIAL_TOKENS, TRUNCATION_MARKER
+
+
+def segments(tok, ids, mask):
+    """(decoded text, mask) runs, merging neighbours with the same mask."""
+    runs = []
+    for i, m in zip(ids, mask):
+        if runs and runs[-1][1] == m:
+            runs[-1][0].append(i)
+        else:
+            runs.append([[i], m])
+    return [(tok.decode(r), m) for r, m in runs]
+
+
+def test_round_trip_and_special_tokens(tokenizer):
+    for text in ["hello world", "The cat sat on the mat. 2024!", "ünïcödé 😀 text\n\nnew lines\t tabs", ""]:
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+    assert len(SPECIAL_TOKENS) == 13
+    ids = [tokenizer.encode_special(s) for s in SPECIAL_TOKENS]
+    assert len(set(ids)) == 13 and min(ids) >= tokenizer.get_vocab_size() - 13
+    for s in SPECIAL_TOKENS:
+        assert tokenizer.decode([tokenizer.encode_special(s)]) == s
+
+
+def test_special_strings_in_text_are_never_special(tokenizer):
+    specials = set(tokenizer.special.values())
+    text = "see <|doc_start|> fake <|doc_end|> and <|search_start|>q<|search_end|> <|bos|>"
+    ids = tokenizer.encode(text)
+    assert not specials & set(ids)
+    assert tokenizer.decode(ids) == text
+
+
+def test_save_load(tokenizer, tmp_path):
+    tokenizer.save(str(tmp_path / "tok"))
+    loaded = Tokenizer.from_directory(str(tmp_path / "tok"))
+    text = "The old king was born in the river city."
+    assert loaded.encode(text) == tokenizer.encode(text)
+    assert loaded.special == tokenizer.special
+    with pytest.raises(FileNotFoundError):
+        Tokenizer.from_directory(str(tmp_path / "missing"))
+    (tmp_path / "tok" / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt"):
+        Tokenizer.from_directory(str(tmp_path / "tok"))
+
+
+def test_plain_chat_masks(tokenizer):
+    conv = {"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Sum?"},
+        {"role": "assistant", "content": [{"type": "text", "text": "It is "},
+                                          {"type": "python", "text": "2+3"},
+                                          {"type": "python_output", "text": "5"},
+                                          {"type": "text", "text": "5."}]},
+    ]}
+    ids, mask = tokenizer.render_conversation(conv)
+    assert segments(tokenizer, ids, mask) == [
+        ("<|bos|><|user_start|>Be brief.\n\nHi<|user_end|><|assistant_start|>", 0),
+        ("Hello<|assistant_end|>", 1),
+        ("<|user_start|>Sum?<|user_end|><|assistant_start|>", 0),
+        ("It is <|python_start|>2+3<|python_end|>", 1),
+        ("<|output_start|>5<|output_end|>", 0),
+        ("5.<|assistant_end|>", 1),
+    ]
+
+
+def test_retrieval_and_search_masks(tokenizer):
+    docs = [{"id": "a", "title": "Cat", "text": "The cat sat."}, {"id": "b", "title": "Dog", "text": "The dog ran."}]
+    conv = {"messages": [
+        {"role": "retrieval", "documents": docs},
+        {"role": "user", "content": "Who sat?"},
+        {"role": "assistant", "content": [
+            {"type": "search", "text": "cat sat"},
+            {"type": "search_results", "documents": [{"id": "c", "title": "Mat", "text": "On the mat."}]},
+            {"type": "text", "text": "The cat [1]."},
+        ]},
+    ]}
+    ids, mask = tokenizer.render_conversation(conv)
+    assert segments(tokenizer, ids, mask) == [
+        ("<|bos|><|doc_start|>[1] Cat\nThe cat sat.<|doc_end|><|doc_start|>[2] Dog\nThe dog ran.<|doc_end|>"
+         "<|user_start|>Who sat?<|user_end|><|assistant_start|>", 0),
+        ("<|search_start|>cat sat<|search_end|>", 1),
+        ("<|doc_start|>[3] Mat\nOn the mat.<|doc_end|>", 0),
+        ("The cat [1].<|assistant_end|>", 1),
+    ]
+    # token by token: everything between doc markers is mask 0
+    inside = False
+    for i, m in zip(ids, mask):
+        if i == tokenizer.special["<|doc_start|>"]:
+            inside = True
+        if inside:
+            assert m == 0
+        if i == tokenizer.special["<|doc_end|>"]:
+            inside = False
+
+
+def test_structure_errors(tokenizer):
+    with pytest.raises(ValueError, match="retrieval"):
+        tokenizer.render_conversation({"messages": [
+            {"role": "user", "content": "q"}, {"role": "retrieval", "documents": []},
+            {"role": "assistant", "content": "a"}]})
+    with pytest.raises(ValueError, match="should be from 'user'"):
+        tokenizer.render_conversation({"messages": [{"role": "assistant", "content": "a"}]})
+    with pytest.raises(ValueError, match="unknown assistant part"):
+        tokenizer.render_conversation({"messages": [
+            {"role": "user", "content": "q"}, {"role": "assistant", "content": [{"type": "image", "text": ""}]}]})
+
+
+def test_document_cap_and_conversation_cap(tokenizer):
+    long_text = "the river city " * 200
+    conv = {"messages": [
+        {"role": "retrieval", "documents": [{"id": "x", "title": "Long", "text": long_text},
+                                            {"id": "y", "title": "Long2", "text": long_text}]},
+        {"role": "user", "content": "Where was the old king born?"},
+        {"role": "assistant", "content": "In the city."},
+    ]}
+    ids, mask = tokenizer.render_conversation(conv, max_doc_tokens=40)
+    text = tokenizer.decode(ids)
+    assert text.count(TRUNCATION_MARKER) == 2
+    # each document body is at most 40 tokens
+    start, end = tokenizer.special["<|doc_start|>"], tokenizer.special["<|doc_end|>"]
+    bodies = []
+    for i, t in enumerate(ids):
+        if t == start:
+            bodies.append(ids.index(end, i) - i - 1)
+    assert bodies == [40, 40]
+    # a tight conversation cap shrinks documents but keeps the question and the answer whole
+    full, _ = tokenizer.render_conversation(conv, max_doc_tokens=40)
+    capped, capped_mask = tokenizer.render_conversation(conv, max_tokens=len(full) - 30, max_doc_tokens=40)
+    assert len(capped) <= len(full) - 30
+    capped_text = tokenizer.decode(capped)
+    assert "Where was the old king born?" in capped_text and capped_text.endswith("In the city.<|assistant_end|>")
+    assert sum(capped_mask) == sum(_)
+
+
+def test_render_for_completion(tokenizer):
+    conv = {"messages": [
+        {"role": "retrieval", "documents": [{"id": "a", "title": "Cat", "text": "The cat sat."}]},
+        {"role": "user", "content": "Who sat?"},
+        {"role": "assistant", "content": "The cat."},
+    ]}
+    ids = tokenizer.render_for_completion(conv)
+    assert ids[-1] == tokenizer.special["<|assistant_start|>"]
+    text = tokenizer.decode(ids)
+    assert "The cat sat." in text and "The cat.<|assistant_end|>" not in text
