@@ -74,6 +74,11 @@ mamba_chunk_scan_combined, selective_state_update, rmsnorm_fn, causal_conv1d_fn 
 # Reference (pure PyTorch) building blocks
 
 
+def _f32(t):
+    """Upcast to fp32 for the numerically sensitive parts; fp64 stays fp64 (the exactness tests use it)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def ssd_sequential_scan(x, dt, A, B, C, D=None, initial_states=None, seq_idx=None):
     """
     The SSM recurrence one token at a time: the definition the chunked scan must match, and the
@@ -117,7 +122,7 @@ def _segsum_exp(a, mask):
     rows = rows.masked_fill(~keep, 0.0)
     seg = rows.flip(-1).cumsum(-1).flip(-1)  # seg[..., i, j] = sum_{k >= j, k < i} a[k]
     seg = F.pad(seg, (0, 1))  # column j = T: empty sum
-    return torch.exp(seg.masked_fill(~mask, float("-inf")))
+    return torch.exp(torch.where(mask, seg, float("-inf")))
 
 
 def ssd_chunked_scan(x, dt, A, B, C, chunk_size=64, D=None, initial_states=None, seq_idx=None):
@@ -148,10 +153,11 @@ def ssd_chunked_scan(x, dt, A, B, C, chunk_size=64, D=None, initial_states=None,
     c = (l + pad) // Q
 
     # layout (b, g, r, c, Q, ...): batch dims first, so every step below is a batched matmul
-    x = x.to(dtype).view(b, c, Q, g, r, p).permute(0, 3, 4, 1, 2, 5)
-    dt = dt.to(dtype).view(b, c, Q, g, r).permute(0, 3, 4, 1, 2)
-    B = B.to(dtype).view(b, c, Q, g, n).permute(0, 3, 1, 2, 4).unsqueeze(2)  # (b, g, 1, c, Q, n)
-    C = C.to(dtype).view(b, c, Q, g, n).permute(0, 3, 1, 2, 4).unsqueeze(2)
+    # (contiguous once here, rather than implicitly inside every matmul and its backward)
+    x = x.to(dtype).view(b, c, Q, g, r, p).permute(0, 3, 4, 1, 2, 5).contiguous()
+    dt = dt.to(dtype).view(b, c, Q, g, r).permute(0, 3, 4, 1, 2).contiguous()
+    B = B.to(dtype).view(b, c, Q, g, n).permute(0, 3, 1, 2, 4).unsqueeze(2).contiguous()  # (b, g, 1, c, Q, n)
+    C = C.to(dtype).view(b, c, Q, g, n).permute(0, 3, 1, 2, 4).unsqueeze(2).contiguous()
     dA = dt * A.to(dtype).view(g, r, 1, 1)  # log decay per token, <= 0
     cs = dA.cumsum(-1)  # (b, g, r, c, Q) log decay from the chunk start
     xdt = x * dt[..., None]
@@ -164,7 +170,10 @@ def ssd_chunked_scan(x, dt, A, B, C, chunk_size=64, D=None, initial_states=None,
         same_doc = causal
 
     # 1. within chunks. Differences of the in-chunk cumsum are fine: a chunk is short.
-    decay = torch.exp((cs[..., :, None] - cs[..., None, :]).masked_fill(~same_doc, float("-inf")))
+    # (cs + (-cs) rather than cs - cs, and where() rather than masked_fill(): each saves a full
+    # pass over this (Q x Q per head) tensor in the backward, which is most of the scan's cost)
+    seg = cs[..., :, None] + (-cs)[..., None, :]
+    decay = torch.exp(torch.where(same_doc, seg, float("-inf")))
     y = (decay * (C @ B.transpose(-1, -2))) @ xdt  # (b, g, r, c, Q, p)
 
     # 2. each chunk's contribution to the state at its end
@@ -204,6 +213,37 @@ def ssd_chunked_scan(x, dt, A, B, C, chunk_size=64, D=None, initial_states=None,
     return y.to(out_dtype), final_state
 
 
+class _CausalConvFn(torch.autograd.Function):
+    """
+    out[:, t] = bias + sum_k taps[k] * masks[k][:, t] * xp[:, t + k], over a left-padded input xp.
+    The backward is written by hand because autograd's version of the shifted slices allocates and
+    zero-fills a padded gradient buffer per tap, which made the conv ~2x slower on CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, xp, taps, bias, masks):
+        w = taps.shape[0]
+        l = xp.shape[1] - w + 1
+        out = torch.addcmul(bias, xp[:, w - 1:], taps[w - 1])  # the last tap reads the current token
+        for k in range(w - 1):
+            xk = xp[:, k:k + l] if masks is None else xp[:, k:k + l] * masks[k]
+            out.addcmul_(xk, taps[k])
+        ctx.save_for_backward(xp, taps, masks)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        xp, taps, masks = ctx.saved_tensors
+        w = taps.shape[0]
+        l = xp.shape[1] - w + 1
+        grad_xp, grad_taps = torch.zeros_like(xp), torch.empty_like(taps)
+        for k in range(w):
+            gk = grad if (masks is None or k == w - 1) else grad * masks[k]
+            grad_xp[:, k:k + l].addcmul_(gk, taps[k])
+            grad_taps[k] = (gk * xp[:, k:k + l]).sum((0, 1))
+        return grad_xp, grad_taps, grad.sum((0, 1)), None
+
+
 def causal_conv(x, weight, bias, initial=None, seq_idx=None):
     """
     Depthwise causal conv along time, channel-last: x (b, l, d), weight (d, 1, w), bias (d,).
@@ -214,30 +254,25 @@ def causal_conv(x, weight, bias, initial=None, seq_idx=None):
     """
     b, l, d = x.shape
     w = weight.shape[-1]
-    weight = weight.to(x.dtype).view(d, w)
+    taps = weight.to(x.dtype).view(d, w).t().contiguous()  # (w, d): contiguous rows broadcast fast
     if initial is None:
-        left = x.new_zeros(b, w - 1, d)
+        xp = F.pad(x, (0, 0, w - 1, 0))
     else:
-        left = initial.transpose(1, 2).to(x.dtype)
-    xp = torch.cat([left, x], dim=1)  # (b, l+w-1, d)
-    if seq_idx is not None:
+        xp = torch.cat([initial.transpose(1, 2).to(x.dtype), x], dim=1)  # (b, l+w-1, d)
+    masks = None
+    if seq_idx is not None:  # masks[k]: 1 where tap k (w-1-k tokens back) stays in the same document
         sp = torch.cat([seq_idx[:, :1].expand(b, w - 1), seq_idx], dim=1)
-    out = bias.to(x.dtype) + xp[:, w - 1:] * weight[:, w - 1]  # tap w-1 reads the current token
-    for k in range(w - 1):  # tap k reads the token w-1-k steps back
-        term = xp[:, k:k + l] * weight[:, k]
-        if seq_idx is not None:
-            term = term * (sp[:, k:k + l] == seq_idx).unsqueeze(-1).to(x.dtype)
-        out = out + term
-    return out
+        masks = torch.stack([sp[:, k:k + l] == seq_idx for k in range(w - 1)]).unsqueeze(-1).to(x.dtype)
+    return _CausalConvFn.apply(xp, taps, bias.to(x.dtype), masks)
 
 
 def gated_rmsnorm(y, z, weight, ngroups, eps=1e-5):
     """mamba_ssm's RMSNormGated with norm_before_gate=False: rmsnorm(y * silu(z)) per group of channels, times weight."""
     dtype = y.dtype
-    y = y.float() * F.silu(z.float())
+    y = _f32(y) * F.silu(_f32(z))
     yg = y.view(*y.shape[:-1], ngroups, y.shape[-1] // ngroups)
-    yg = yg * torch.rsqrt(yg.square().mean(-1, keepdim=True) + eps)
-    return (yg.view_as(y) * weight.float()).to(dtype)
+    yg = yg * torch.rsqrt((yg * yg).mean(-1, keepdim=True) + eps)
+    return (yg.view_as(y) * _f32(weight)).to(dtype)
 
 # -----------------------------------------------------------------------------
 # Generation state
@@ -340,7 +375,7 @@ class Mamba2Mixer(nn.Module):
         kernels = self._use_kernels(x)
         zxbcdt = F.linear(x, self.in_proj.weight.to(x.dtype))
         z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
-        A = -torch.exp(self.A_log.float())  # float(): exp of a low-precision A_log can overflow
+        A = -torch.exp(_f32(self.A_log))  # exp of a low-precision A_log can overflow
 
         if state is not None:
             # the conv state after this call: the last d_conv inputs, counting the old state's columns
@@ -371,7 +406,7 @@ class Mamba2Mixer(nn.Module):
                                             return_final_states=state is not None)
             y, final_state = out if state is not None else (out, None)
         else:
-            dt = F.softplus(dt.float() + self.dt_bias.float())
+            dt = F.softplus(_f32(dt) + _f32(self.dt_bias))
             y, final_state = ssd_chunked_scan(xs, dt, A, B, C, self.chunk_size, D=self.D,
                                               initial_states=initial_states, seq_idx=seq_idx)
         if state is not None:
@@ -393,7 +428,7 @@ class Mamba2Mixer(nn.Module):
         xBC = (conv * self.conv1d.weight.squeeze(1).to(conv.dtype)).sum(-1) + self.conv1d.bias.to(conv.dtype)
         xBC = F.silu(xBC).to(x.dtype)
         xs, B, C = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
-        A = -torch.exp(self.A_log.float())
+        A = -torch.exp(_f32(self.A_log))
 
         if kernels:
             P, N = self.headdim, self.d_state
@@ -404,11 +439,11 @@ class Mamba2Mixer(nn.Module):
                 dt_bias=self.dt_bias[:, None].expand(self.nheads, P), dt_softplus=True)
         else:
             g, r = self.ngroups, self.nheads // self.ngroups
-            dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, h)
-            xh = xs.float().view(b, g, r, self.headdim)
+            dt = F.softplus(_f32(dt) + _f32(self.dt_bias))  # (b, h)
+            xh = _f32(xs).view(b, g, r, self.headdim)
             S = state.ssm.view(b, g, r, self.headdim, self.d_state)
-            S = S * torch.exp(dt * A).view(b, g, r, 1, 1) + (dt.view(b, g, r, 1) * xh)[..., None] * B.float().view(b, g, 1, 1, self.d_state)
-            y = (S @ C.float().view(b, g, 1, self.d_state, 1)).squeeze(-1) + self.D.float().view(g, r, 1) * xh
+            S = S * torch.exp(dt * A).view(b, g, r, 1, 1) + (dt.view(b, g, r, 1) * xh)[..., None] * _f32(B).view(b, g, 1, 1, self.d_state)
+            y = (S @ _f32(C).view(b, g, 1, self.d_state, 1)).squeeze(-1) + _f32(self.D).view(g, r, 1) * xh
             state.ssm.copy_(S.view_as(state.ssm))
         y = y.reshape(b, 1, self.d_inner).to(x.dtype)
         return self._norm_out(y, z[:, None], kernels)
