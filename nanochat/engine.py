@@ -192,6 +192,7 @@ class Engine:
             if all(r.completed for r in rows):
                 break
             logits[:, self.banned] = float("-inf")
+            logits[:, self.tokenizer.get_vocab_size():] = float("-inf")   # padding rows of the embedding are not tokens
             sampled = sample_next_token(logits, generator, temperature, top_k).tolist()
             new_tokens = [[] for _ in rows]
             new_masks = [[] for _ in rows]

@@ -35,7 +35,7 @@ def naive_greedy(model, tokenizer, prompt, n):
     return ids
 
 
-@pytest.mark.parametrize("pattern", ["TT", "T"])
+@pytest.mark.parametrize("pattern", ["TT", "M", "TM", "MT", "MMTT"])
 def test_cache_equals_no_cache_greedy(tokenizer, pattern):
     model = tiny_model(tokenizer.get_vocab_size(), pattern)
     prompt = tokenizer.encode("The old king", prepend="<|bos|>")
@@ -204,15 +204,18 @@ def test_loss_ignores_minus_one_and_packing_mask(tokenizer):
     assert torch.allclose(out[:, 5:], model(b), atol=1e-5)
 
 
-def test_cache_rows_advance_independently(tokenizer):
-    model = tiny_model(tokenizer.get_vocab_size())
-    seq = torch.randint(0, 300, (1, 10))
+@pytest.mark.parametrize("pattern", ["TT", "TM", "MM"])
+def test_cache_rows_advance_independently(tokenizer, pattern):
+    """Prefill in pieces (prompt, then an injected block, then single steps) equals one full forward."""
+    model = tiny_model(tokenizer.get_vocab_size(), pattern)
+    seq = torch.randint(0, tokenizer.get_vocab_size(), (1, 10))
     full = model(seq)[0]
     cache = InferenceCache(model, 2, 32)
     # row 0 gets 6 then 4 tokens; row 1 gets 10 at once; both must match the full forward
-    out0a = model(seq[:, :6], cache=cache, rows=[0])
+    out0a = model(seq[:, :4], cache=cache, rows=[0])
     out1 = model(seq, cache=cache, rows=[1])
-    out0b = model(seq[:, 6:], cache=cache, rows=[0])
-    assert torch.allclose(torch.cat([out0a, out0b], 1)[0], full, atol=1e-5)
+    out0b = model(seq[:, 4:8], cache=cache, rows=[0])
+    out0c = [model(seq[:, t:t + 1], cache=cache, rows=[0]) for t in (8, 9)]
+    assert torch.allclose(torch.cat([out0a, out0b] + out0c, 1)[0], full, atol=1e-5)
     assert torch.allclose(out1[0], full, atol=1e-5)
     assert cache.lengths.tolist() == [10, 10]

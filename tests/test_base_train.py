@@ -1,0 +1,109 @@
+"""End to end on tiny data: tok_train -> base_train (loss falls, checkpoint loads with
+weights_only=True, exact resume), torchrun with 2 CPU processes, and one-line errors."""
+import os
+import re
+
+import pytest
+import torch
+
+from tests.conftest import run_module
+
+TINY = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "64",
+        "--device-batch-size", "4", "--eval-every", "0", "--eval-tokens", "1024", "--sample-every", "0"]
+
+
+def step_losses(output):
+    return {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"step +(\d+)/\d+ \| loss ([\d.]+)", output)}
+
+
+def check(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, parquet_dir):
+    d = tmp_path_factory.mktemp("nanochat")
+    check(run_module("scripts.tok_train", "--data", parquet_dir, "--vocab-size", "400", "--max-chars", "300000", base_dir=d))
+    return d
+
+
+def test_pretrain_loss_falls_and_checkpoint_is_tensors_only(base_dir, parquet_dir):
+    out = check(run_module("scripts.base_train", *TINY, "--data", parquet_dir, "--num-iterations", "40",
+                           "--save-every", "20", "--model-tag", "t1", base_dir=base_dir))
+    losses = step_losses(out)
+    assert losses[40] < losses[1] - 1.0, losses
+    ckpt = os.path.join(base_dir, "base_checkpoints", "t1")
+    state = torch.load(os.path.join(ckpt, "model_000040.pt"), weights_only=True)
+    assert "lm_head.weight" in state
+    for rank_file in ("optim_000040_rank0.pt", "optim_000020_rank0.pt"):
+        torch.load(os.path.join(ckpt, rank_file), weights_only=True)
+    # resume from step 20: the next steps' losses are identical to the uninterrupted run
+    out2 = check(run_module("scripts.base_train", *TINY, "--data", parquet_dir, "--num-iterations", "40",
+                            "--save-every", "20", "--model-tag", "t1", "--resume-from-step", "20", base_dir=base_dir))
+    resumed = step_losses(out2)
+    assert min(resumed) == 21
+    for s in (21, 22, 23, 30, 40):
+        assert resumed[s] == pytest.approx(losses[s], abs=2e-4), (s, resumed[s], losses[s])
+
+
+def test_torchrun_two_cpu_processes(base_dir, parquet_dir):
+    out = check(run_module("scripts.base_train", *TINY, "--data", parquet_dir, "--num-iterations", "20",
+                           "--device-batch-size", "2", "--model-tag", "ddp", base_dir=base_dir, torchrun_procs=2))
+    losses = step_losses(out)
+    assert len(losses) == 20 and losses[20] < losses[1] - 1.0   # printed once (rank 0 only), and it learned
+    assert os.path.exists(os.path.join(base_dir, "base_checkpoints", "ddp", "optim_000020_rank1.pt"))
+
+
+def test_chat_cli_prompt_on_base_model(base_dir, parquet_dir):
+    check(run_module("scripts.base_train", *TINY, "--data", parquet_dir, "--num-iterations", "5", "--model-tag", "cli",
+                     base_dir=base_dir))
+    out = check(run_module("scripts.chat_cli", "--source", "base", "--model-tag", "cli", "-p", "the cat",
+                           "--max-tokens", "8", base_dir=base_dir))
+    assert out.strip()
+
+
+def one_line_error(proc, *needles):
+    assert proc.returncode != 0
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr
+
+
+def test_bad_input_errors(base_dir, parquet_dir, tmp_path):
+    p = run_module("scripts.base_train", *TINY, "--data", parquet_dir, "--block-pattern", "TX", base_dir=base_dir)
+    one_line_error(p, "--block-pattern")
+    p = run_module("scripts.base_train", *TINY, "--data", parquet_dir, "--block-pattern", "TTT", base_dir=base_dir)
+    one_line_error(p, "--block-pattern", "3 letters")
+    p = run_module("scripts.base_train", *TINY, "--data", parquet_dir, "--depth", "0", base_dir=base_dir)
+    one_line_error(p, "--depth")
+    p = run_module("scripts.base_train", *TINY, "--data", "nonsense", base_dir=base_dir)
+    one_line_error(p, "--data")
+    p = run_module("scripts.base_train", *TINY, "--data", parquet_dir, "--resume-from-step", "999", "--model-tag", "t1",
+                   base_dir=base_dir)
+    one_line_error(p, "step 999")
+    p = run_module("scripts.chat_cli", "--source", "sft", "-p", "hi", base_dir=base_dir)
+    one_line_error(p, "no sft checkpoints")
+    # a truncated checkpoint file
+    ckpt = os.path.join(base_dir, "base_checkpoints", "broken")
+    os.makedirs(ckpt, exist_ok=True)
+    src = os.path.join(base_dir, "base_checkpoints", "cli")
+    if not os.path.isdir(src):
+        pytest.skip("needs the chat_cli test's checkpoint")
+    for f in os.listdir(src):
+        data = open(os.path.join(src, f), "rb").read()
+        open(os.path.join(ckpt, f), "wb").write(data[: len(data) // 2] if f.startswith("model_") else data)
+    p = run_module("scripts.chat_cli", "--source", "base", "--model-tag", "broken", "-p", "hi", base_dir=base_dir)
+    one_line_error(p, "corrupt or truncated")
+    # an empty corpus
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for s in range(2):
+        pq.write_table(pa.table({"text": ["", ""]}), str(empty / f"shard_{s}.parquet"))
+    p = run_module("scripts.tok_train", "--data", str(empty), base_dir=tmp_path / "nc")
+    one_line_error(p, "empty")
+    p = run_module("scripts.tok_train", "--data", str(tmp_path / "nope"), base_dir=tmp_path / "nc")
+    one_line_error(p, "nope")
