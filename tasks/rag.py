@@ -182,6 +182,7 @@ class MultiHopRAGTask(_RetrievingTask):
         if not queries:
             question = example["messages"][last_user_index(example["messages"])]["content"]
             queries = [question] + [self.title_of(example, retriever, h) for h in hops[1:]]
+        assert len(queries) == len(hops), f"{len(queries)} queries for {len(hops)} hops"
         return list(zip(queries, hops))
 
     def build(self, examples, indices):
