@@ -37,6 +37,13 @@ def last_user_index(messages):
     return users[-1]
 
 
+def example_retriever(example, kind="bm25"):
+    """An in-memory retriever over an example's own little KB (example["kb"]): what the
+    Engine should search when it rolls out a question of a streamed world or of HotpotQA."""
+    assert "kb" in example, f"retrieving with {kind!r} per example needs example['kb'], which this example lacks"
+    return make_retriever(kind, [Document(d["id"], d.get("title", ""), d["text"]) for d in example["kb"]])
+
+
 def doc_dict(result):
     """A search result as it goes into a conversation: the parent document's id (a KB may
     return chunks), title and text."""
@@ -76,9 +83,8 @@ class _RetrievingTask(Task):
     def retriever_for(self, example):
         if not isinstance(self.retriever, str):
             return self.retriever
-        assert "kb" in example, f"retriever={self.retriever!r} retrieves from example['kb'], which this example lacks"
         t0 = time.perf_counter()
-        r = make_retriever(self.retriever, [Document(d["id"], d.get("title", ""), d["text"]) for d in example["kb"]])
+        r = example_retriever(example, self.retriever)
         self.retrieval_seconds += time.perf_counter() - t0
         return r
 
@@ -111,7 +117,8 @@ class _RetrievingTask(Task):
             # no hint from the caller: assume it walks forward, retrieve the next block at once
             self._fill(range(index, min(index + PREFETCH_BLOCK, self.num_examples())))
         self.cache.move_to_end(index)
-        return self.cache[index]
+        # a copy: a caller editing its conversation must not change what the next caller gets
+        return copy.deepcopy(self.cache[index])
 
 
 class RAGTask(_RetrievingTask):

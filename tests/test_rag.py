@@ -320,3 +320,14 @@ def test_show_command_prints_readable_examples():
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("===== example") == 2 and "<search>" in out.stdout
     assert "[[<|search_start|>" in out.stdout and "<|doc_start|>[1]" in out.stdout
+
+
+def test_examples_are_copies_and_the_engine_can_search_an_examples_own_kb():
+    from tasks.rag import example_retriever
+    task = world_task(3, num_examples=5)
+    ex = task[0]
+    ex["messages"].clear()
+    assert task[0]["messages"]                     # the cache was not touched
+    ex = task[0]
+    r = example_retriever(ex, "bm25")
+    assert r.search(ex["queries"][0], 1)[0].document.doc_id == ex["hops"][0]
