@@ -37,6 +37,19 @@ class BM25Retriever(Retriever):
             else:
                 self.bm25.scores, self.bm25.vocab_dict = None, {}
         self.vocab = self.bm25.vocab_dict
+        # largest score contribution of each term to any document (column max of the sparse
+        # matrix); see SimpleBM25.best_possible for why hybrid fusion wants it
+        self.best = np.zeros(len(self.vocab), dtype=np.float64)
+        if self.bm25.scores is not None:
+            data, indptr = np.asarray(self.bm25.scores["data"]), np.asarray(self.bm25.scores["indptr"])
+            nonempty = np.flatnonzero(indptr[1:] > indptr[:-1])
+            if len(nonempty):
+                self.best[nonempty] = np.maximum.reduceat(data, indptr[nonempty])
+        self.best_unknown = float(self.best.max(initial=0.0))
+
+    def best_possible(self, query):
+        vocab, best = self.vocab, self.best
+        return float(sum(best[vocab[t]] if t in vocab else self.best_unknown for t in tokenize(query)))
 
     def query_ids(self, query):
         # unknown tokens are dropped, repeated ones kept (they count again, as in rank-bm25)

@@ -7,11 +7,18 @@ mutable state (the old fork's hybrid silently became BM25 because both wrote `do
 For every candidate we know both exact scores: its BM25 score (0 if it shares no token with the
 query) and its cosine (from the stored embeddings), so no candidate gets an invented score.
 
-Fusions:
+Fusions (alpha weighs the lexical side):
+  convex  (default) alpha * min(1, bm25 / best_possible(query)) + (1 - alpha) * cosine.
+          best_possible is the sum over query tokens of the largest score each token can add to
+          any document (an unseen token counts as the most informative known one), so the lexical
+          term says how much of the query's evidence a document holds: ~1 when an error code or
+          identifier matched, small when only a common word did. Cosine is used as it is.
+  minmax  alpha * minmax(bm25) + (1 - alpha) * minmax(cosine) over the candidate union
+          (the convex combination of Bruch et al. 2023).
   rrf     sum of 1 / (60 + rank) over the two candidate lists (Cormack et al. 2009).
-  convex  alpha * minmax(bm25) + (1 - alpha) * minmax(cosine) over the candidate union
-          (Bruch et al. 2023: beats RRF and needs only alpha).
-The default is the one measured safest on our query sets (see the README's retrieval section).
+Measured (README, `python -m bench.bench_retrieval`): on lookups where BM25 wins and paraphrases
+where dense wins, only `convex` with alpha in about [0.35, 0.45] stays within 0.03 nDCG@10 of the
+better single retriever on both; rrf and minmax lose 0.05-0.5 on one of them. Default alpha 0.4.
 
 Rerank (off by default): "dense" re-orders the fused top max(rerank_depth, k) by cosine; any other
 value is a sentence-transformers CrossEncoder name or path. No reranker weights ship offline,
@@ -23,9 +30,9 @@ from nanochat.retrieval.base import Retriever, top_k_positions
 from nanochat.retrieval.dense import load_cross_encoder
 from nanochat.retrieval.documents import index_text
 
-FUSIONS = ("rrf", "convex")
+FUSIONS = ("convex", "minmax", "rrf")
 DEFAULT_FUSION = "convex"
-DEFAULT_ALPHA = 0.5
+DEFAULT_ALPHA = 0.4
 RRF_K = 60
 
 
@@ -84,8 +91,12 @@ class HybridRetriever(Retriever):
             for ranked in (lex_top, dense_top):
                 rank = {p: r for r, p in enumerate(ranked.tolist(), 1)}
                 fused += np.array([1.0 / (RRF_K + rank[p]) if p in rank else 0.0 for p in union.tolist()])
-        else:
+        elif self.fusion == "minmax":
             fused = self.alpha * _minmax(bm25) + (1.0 - self.alpha) * _minmax(cosine.astype(np.float64))
+        else:
+            best = self.lexical.best_possible(query)
+            lexical = np.minimum(bm25 / best, 1.0) if best > 0 else np.zeros_like(bm25)
+            fused = self.alpha * lexical + (1.0 - self.alpha) * cosine.astype(np.float64)
         order = top_k_positions(fused, len(union))
         return union[order], fused[order], cosine[order]
 

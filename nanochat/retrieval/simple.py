@@ -40,6 +40,16 @@ class SimpleBM25(Retriever):
                 for i, tf in plist
             ]
 
+        # the largest contribution each term can make to any document; hybrid fusion divides by
+        # the sum of these to tell "the query's key terms matched" from "one common word matched"
+        self.best = {term: max(w for _, w in plist) for term, plist in self.index.items()}
+        self.best_unknown = max(self.best.values(), default=0.0)
+
+    def best_possible(self, query):
+        """Sum over query tokens of the largest contribution each can make to any document;
+        a token the corpus never saw counts as the most informative known one (it could not match)."""
+        return sum(self.best.get(t, self.best_unknown) for t in tokenize(query))
+
     def lexical_scores(self, query):
         """{doc position: score} for every document sharing a token with the query."""
         acc = {}
