@@ -3,7 +3,7 @@ Bring-your-own QA: one JSON object per line,
     {"question": str, "answers": [str, ...], "supporting_ids": [doc id, ...], "hops": [doc id, ...]}
 supporting_ids (the documents that hold the answer) and hops (the same, in the order a reader
 needs them, for multi-hop questions) are optional and name documents of a KB built with
-`python -m kb_tools.build_kb`. Wrap it in tasks.rag.RAGTask / MultiHopRAGTask to retrieve.
+`python -m kb_tools.build_kb`. An optional "queries" list gives the search to write for each hop. Wrap it in tasks.rag.RAGTask / MultiHopRAGTask to retrieve.
 """
 import json
 
@@ -38,6 +38,10 @@ def read_qa_jsonl(path):
                 if not isinstance(ids, list) or not all(isinstance(i, (str, int)) for i in ids):
                     raise UserError(f"{where}: '{key}' must be a list of document ids")
                 row[key] = [str(i) for i in ids]
+            queries = row.get("queries")
+            if queries is not None and (not isinstance(queries, list) or len(queries) != len(row["hops"])
+                                        or not all(isinstance(q, str) and q.strip() for q in queries)):
+                raise UserError(f"{where}: 'queries' must be one non-empty string per hop")
             rows.append(row)
     if not rows:
         raise UserError(f"{path}: no questions in QA file")
@@ -66,6 +70,8 @@ class JsonlQA(Task):
                    "answers": row["answers"], "supporting_ids": row["supporting_ids"]}
         if row["hops"]:
             example["hops"] = row["hops"]
+        if row.get("queries"):
+            example["queries"] = row["queries"]
         return example
 
     def evaluate(self, conversation, completion):

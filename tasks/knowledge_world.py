@@ -182,13 +182,14 @@ class World:
                 f.write(json.dumps(doc) + "\n")
 
     def write_qa(self, path, n, hops=1, seed=0):
-        """n questions in tasks.jsonl_qa's format, plus 'hops' (gold doc ids in order) and 'type'."""
+        """n questions in tasks.jsonl_qa's format: hops (gold doc ids in order), queries (the name
+        to search for at each hop) and type."""
         rng = random.Random(f"qa-{seed}-{hops}")
         with open(path, "w", encoding="utf-8") as f:
             for _ in range(n):
                 q = self.question(rng, hops)
                 f.write(json.dumps({"question": q["question"], "answers": q["answers"], "supporting_ids": q["hops"],
-                                    "hops": q["hops"], "type": q["type"]}) + "\n")
+                                    "hops": q["hops"], "queries": q["queries"], "type": q["type"]}) + "\n")
 
 
 def make_world(seed, split="train", people=8, cities=4, orgs=4, works=4, countries=3, rigid=False):

@@ -128,7 +128,8 @@ def test_jsonl_qa_and_its_errors(tmp_path):
     assert JsonlQA(os.path.join(FIXTURES, "qa.jsonl"), metric="f1").evaluate(task[1], "Paris, France") == pytest.approx(2 / 3)
     bad = tmp_path / "bad.jsonl"
     for content, message in [("", "no questions"), ('{"question": "q"}\n', ":1: 'answers'"),
-                             ('{"question": "q", "answers": ["a"]}\n{nope\n', ":2: malformed JSON")]:
+                             ('{"question": "q", "answers": ["a"]}\n{nope\n', ":2: malformed JSON"),
+                             ('{"question": "q", "answers": ["a"], "hops": ["x", "y"], "queries": ["x"]}\n', "one non-empty string per hop")]:
         bad.write_text(content)
         with pytest.raises(UserError, match=message):
             JsonlQA(str(bad))

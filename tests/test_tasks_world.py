@@ -107,6 +107,7 @@ def test_qa_and_kb_files(tmp_path):
     for i in range(len(task)):
         ex = task[i]
         assert ex["hops"] and set(ex["hops"]) <= ids and ex["supporting_ids"] == ex["hops"]
+        assert ex["queries"] == ex["hops"]   # world queries are the names themselves
 
 
 def test_tasks_and_pretraining_text():
