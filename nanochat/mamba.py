@@ -141,7 +141,7 @@ def ssd_chunked_scan(x, dt, A, B, C, chunk_size=64, D=None, initial_states=None,
     r = h // g
     out_dtype = x.dtype
     dtype = torch.promote_types(x.dtype, torch.float32)  # the scan is always done in >= fp32
-    Q = chunk_size
+    Q = min(chunk_size, l)  # a short input is one chunk, not one padded chunk
     pad = (-l) % Q
     if pad:
         # zero padding at the end: dt = 0 means no decay and no input, so earlier outputs and
@@ -372,6 +372,8 @@ class Mamba2Mixer(nn.Module):
         updated in place to the state after the last token, of the row's last document.
         """
         b, l, _ = x.shape
+        if state is not None and l == 1:
+            return self.step(x, state)  # same result, without the chunked scan's overhead
         kernels = self._use_kernels(x)
         zxbcdt = F.linear(x, self.in_proj.weight.to(x.dtype))
         z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
