@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from nanochat.tokenizer import Tokenizer
-from nanochat.retrieval import Document, SearchResult, make_retriever, RetrievalManager
+from nanochat.retrieval import Document, make_retriever, RetrievalManager
 from nanochat.rag import (normalize_answer, exact_match, f1_score, answer_text, final_text, citations, search_queries,
                           retrieved_documents, gold_recall, qa_reward)
 from tasks.common import TaskMixture
