@@ -298,6 +298,12 @@ def run_path(m, reference, fn):
         mamba.FORCE_REFERENCE = old
 
 
+def assert_rel_close(a, b, tol, what=""):
+    """Relative error in norm: the kernels use TF32 matmuls, so compare in aggregate, not per element."""
+    err = ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+    assert err < tol, f"{what}: relative error {err:.2e} >= {tol}"
+
+
 @gpu
 @pytest.mark.parametrize("ngroups", [1, 2])
 def test_gpu_kernels_match_reference(ngroups):
@@ -314,33 +320,54 @@ def test_gpu_kernels_match_reference(ngroups):
             return y.detach(), xx.grad, {k: p.grad.clone() for k, p in m.named_parameters()}
         results.append(run_path(m, reference, fwd_bwd))
     (y_ref, gx_ref, gp_ref), (y_k, gx_k, gp_k) = results
-    torch.testing.assert_close(y_k, y_ref, rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(gx_k, gx_ref, rtol=1e-2, atol=1e-4)
+    assert_rel_close(y_k, y_ref, 5e-3, "output")
+    assert_rel_close(gx_k, gx_ref, 1e-2, "grad x")
     for k in gp_ref:
-        torch.testing.assert_close(gp_k[k], gp_ref[k], rtol=1e-2, atol=1e-3, msg=k)
+        assert_rel_close(gp_k[k], gp_ref[k], 2e-2, f"grad {k}")
     # generation: prefill + steps on the kernel path equals the reference forward
     with torch.no_grad():
         state = m.allocate_state(2, "cuda")
         outs = run_path(m, False, lambda: [m(x[:, :200], state=state)] + [m.step(x[:, t:t + 1], state) for t in range(200, 230)])
         ref = run_path(m, True, lambda: m(x[:, :230]))
-    torch.testing.assert_close(torch.cat(outs, dim=1), ref, rtol=1e-3, atol=1e-3)
+    assert_rel_close(torch.cat(outs, dim=1), ref, 5e-3, "prefill + steps")
+
+
+@gpu
+def test_gpu_kernel_speed_vs_reference():
+    """Not a pass/fail speed test: prints the kernel vs reference times (pytest -s) for the README."""
+    m = make_mixer(1, d_model=256, d_state=64, headdim=32, chunk_size=64).cuda()
+    x = torch.randn(8, 1024, 256, device="cuda", requires_grad=True)
+    for reference in (True, False):
+        def fwd_bwd():
+            m(x).square().mean().backward()
+        run_path(m, reference, fwd_bwd)  # warmup (Triton autotuning)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            run_path(m, reference, fwd_bwd)
+        end.record()
+        torch.cuda.synchronize()
+        ms = start.elapsed_time(end) / 10
+        print(f"\nmixer fwd+bwd d_model=256 L=1024 B=8 {'reference' if reference else 'kernels'}: {ms:.2f} ms, {8 * 1024 / ms * 1e3:,.0f} tok/s")
 
 
 @gpu
 def test_gpu_weights_round_trip_with_mamba_ssm():
+    pytest.importorskip("causal_conv1d")  # mamba_ssm's Mamba2.forward needs it (fused path and its fallback)
     from mamba_ssm.modules.mamba2 import Mamba2
     cfg = dict(d_model=128, d_state=64, headdim=32, ngroups=2, chunk_size=64)
     ours = make_mixer(**cfg).cuda()
-    theirs = Mamba2(**cfg, use_mem_eff_path=False).cuda()
+    theirs = Mamba2(**cfg).cuda()
     assert {k: v.shape for k, v in theirs.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(2, 200, 128, device="cuda")
     with torch.no_grad():
         y_theirs = theirs(x)
-        torch.testing.assert_close(run_path(ours, False, lambda: ours(x)), y_theirs, rtol=1e-3, atol=1e-3)
-        torch.testing.assert_close(run_path(ours, True, lambda: ours(x)), y_theirs, rtol=1e-3, atol=1e-3)
-    # and back: a freshly initialised mamba_ssm module loads into ours
-    theirs2 = Mamba2(**cfg, use_mem_eff_path=False).cuda()
+        assert_rel_close(run_path(ours, False, lambda: ours(x)), y_theirs, 5e-3, "ours (kernels) vs mamba_ssm")
+        assert_rel_close(run_path(ours, True, lambda: ours(x)), y_theirs, 5e-3, "ours (reference) vs mamba_ssm")
+    # and back: a freshly initialised mamba_ssm module loads into ours and gives the same outputs
+    theirs2 = Mamba2(**cfg).cuda()
     ours.load_state_dict(theirs2.state_dict())
     with torch.no_grad():
-        torch.testing.assert_close(run_path(ours, True, lambda: ours(x)), theirs2(x), rtol=1e-3, atol=1e-3)
+        assert_rel_close(run_path(ours, True, lambda: ours(x)), theirs2(x), 5e-3, "mamba_ssm init loaded into ours")
