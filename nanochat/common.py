@@ -99,7 +99,7 @@ def init_wandb(run_name, project, config, master_process):
     return wandb.init(project=project, name=run_name, config=config)
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """A problem with the user's input: reported as one line, exit code 2, no traceback."""
 
 

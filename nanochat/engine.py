@@ -233,16 +233,16 @@ class Engine:
             if row.mode == "text":
                 self._flush_text(row)
 
-    def generate_batch(self, tokens, num_samples=1, **kwargs):
-        """Run generate to the end. Returns the RowStates: .tokens (prompt + completion, stop token
-        excluded), .mask, .parts (the completion as conversation parts)."""
+    def generate_batch(self, tokens, num_samples=1, keep_stop=False, **kwargs):
+        """Run generate to the end. Returns the RowStates: .tokens (prompt + completion; the stop
+        token only with keep_stop, as RL wants: stopping is a choice too), .mask, .parts."""
         rows = None
         for _, _, rows in self.generate(tokens, num_samples, **kwargs):
             pass
         if rows is None:   # max_tokens == 0
             return [RowState(tokens=list(tokens), mask=[0] * len(tokens)) for _ in range(num_samples)]
         for row in rows:
-            if row.tokens and row.tokens[-1] in self.stop_tokens:
+            if not keep_stop and row.tokens[-1] in self.stop_tokens:
                 row.tokens.pop()
                 row.mask.pop()
         return rows

@@ -1,0 +1,112 @@
+"""
+Run the model on task examples and score what it wrote: the one loop behind SFT's periodic
+held-out evaluation, RL rollouts and chat_eval.
+
+For a RAG example (a retrieval message before the question) the model reads the documents and
+answers. For a multi-hop example the prompt ends at <|assistant_start|>: the model writes its
+own searches, the Engine runs them on the example's retriever and injects the documents.
+"""
+import torch
+
+from nanochat.engine import Engine
+from nanochat.rag import answer_text, exact_match, f1_score, search_queries, retrieved_documents, \
+    gold_recall, well_formed_query
+
+
+def without_retrieval(conversation):
+    """The --no-retrieval ablation: the same question with no documents shown."""
+    return dict(conversation, messages=[m for m in conversation["messages"] if m["role"] != "retrieval"])
+
+
+def gold_ids(example):
+    return example.get("hops") or example.get("supporting_ids") or []
+
+
+@torch.no_grad()
+def rollout(model, tokenizer, task, example, num_samples=1, temperature=0.0, top_k=None, max_tokens=64,
+            seed=0, max_searches=4, retrieval=True, keep_stop=False):
+    """Generate num_samples completions for one example. Returns (prompt_ids, samples) where each
+    sample is a dict: row (RowState: tokens, mask, parts), reward, em, f1, searches,
+    valid_searches, gold_recall, length (sampled tokens)."""
+    conversation = example if retrieval else without_retrieval(example)
+    retriever = task.retriever_for(example) if (retrieval and hasattr(task, "retriever_for")) else None
+    engine = Engine(model, tokenizer, retriever=retriever, search_top_k=getattr(task, "top_k", 3),
+                    max_searches=max_searches)
+    prompt = tokenizer.render_for_completion(conversation, max_tokens=model.config.sequence_len)
+    rows = engine.generate_batch(prompt, num_samples, max_tokens=max_tokens, temperature=temperature,
+                                 top_k=top_k, seed=seed, keep_stop=keep_stop)
+    answers = example.get("answers") or []
+    gold = gold_ids(example)
+    samples = []
+    for row in rows:
+        parts = row.parts
+        queries = search_queries(parts)
+        shown = [d["id"] for d in retrieved_documents(parts)]
+        # documents in the prompt count as retrieved too (RAG: retrieval happened before the question)
+        shown += [d["id"] for m in conversation["messages"] if m["role"] == "retrieval" for d in m["documents"]]
+        answer = answer_text(parts)
+        samples.append({
+            "row": row,
+            "reward": float(task.reward(example, parts)),
+            "em": float(exact_match(answer, answers)) if answers else float(task.evaluate(example, parts)),
+            "f1": float(f1_score(answer, answers)) if answers else 0.0,
+            "searches": len(queries),
+            "valid_searches": sum(well_formed_query(q) for q in queries),
+            "gold_recall": gold_recall(shown, gold) if gold else float("nan"),
+            "length": sum(row.mask[len(prompt):]),
+            "answer": answer,
+        })
+    return prompt, samples
+
+
+def evaluate_task(model, tokenizer, task, num_examples, max_tokens=64, retrieval=True, max_searches=4, start=0):
+    """Greedy decoding on the first num_examples examples; mean of each metric."""
+    keys = ("em", "f1", "searches", "valid_searches", "gold_recall", "length")
+    totals = {k: 0.0 for k in keys}
+    counted = {k: 0 for k in keys}
+    n = min(num_examples, len(task) - start)
+    if hasattr(task, "prefetch"):
+        task.prefetch(range(start, start + n))
+    was_training = model.training
+    model.eval()
+    records = []
+    for i in range(start, start + n):
+        example = task[i]
+        _, (s,) = rollout(model, tokenizer, task, example, 1, 0.0, None, max_tokens, 0, max_searches, retrieval)
+        for k in keys:
+            if s[k] == s[k]:   # skip NaN (no gold documents)
+                totals[k] += s[k]
+                counted[k] += 1
+        records.append({"question": next(m["content"] for m in reversed(example["messages"]) if m["role"] == "user"),
+                        "answers": example.get("answers"), "answer": s["answer"], "parts": s["row"].parts, "em": s["em"]})
+    if was_training:
+        model.train()
+    metrics = {k: totals[k] / counted[k] if counted[k] else float("nan") for k in keys}
+    metrics["n"] = n
+    return metrics, records
+
+
+def rl_batch(samples, pad_id, device):
+    """Sequences of the sampled rows as a padded batch for the policy loss. Targets are -1 on the
+    prompt, on injected tool output / documents (mask 0) and on padding, so only tokens the
+    policy chose carry gradient; advantages are per sequence."""
+    seqs = [s["row"].tokens for s in samples]
+    masks = [s["row"].mask for s in samples]
+    T = max(len(t) for t in seqs) - 1
+    x = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    y = torch.full((len(seqs), T), -1, dtype=torch.long)
+    for b, (ids, mask) in enumerate(zip(seqs, masks)):
+        ids_t, mask_t = torch.tensor(ids), torch.tensor(mask)
+        n = len(ids) - 1
+        x[b, :n] = ids_t[:-1]
+        y[b, :n] = torch.where(mask_t[1:] == 1, ids_t[1:], torch.full_like(ids_t[1:], -1))
+    return x.to(device), y.to(device)
+
+
+def policy_gradient_loss(logits, targets, advantages):
+    """REINFORCE: -sum(advantage * log p(chosen token)) over the policy's own tokens, divided by
+    their count (token-level normalisation). Positions with target -1 contribute nothing."""
+    logp = -torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                              ignore_index=-1, reduction="none").view(targets.shape)
+    valid = (targets >= 0).float()
+    return -(logp * valid * advantages[:, None]).sum() / valid.sum().clamp(min=1)

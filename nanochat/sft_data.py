@@ -1,0 +1,121 @@
+"""
+Supervised fine-tuning data: task mixtures as named on the command line, and packing of
+rendered conversations into fixed-size rows.
+
+Packing is best-fit: each row is filled with whole conversations (the largest one from a small
+buffer that still fits), then padded. A conversation is never cut (one longer than a row is
+rendered shorter by render_conversation, which trims documents first). seq_idx numbers the
+conversations in a row so attention and Mamba state never cross from one to the next, and
+targets are -1 wherever the render mask is 0 (user turns, documents, tool output, padding).
+"""
+from collections import deque
+
+import torch
+
+from tasks.common import TaskMixture
+
+
+def build_task(name, args, split):
+    """One named task for a mixture. split 'train' streams fresh worlds; 'heldout' is for evaluation."""
+    from tasks.rag import world_task, RAGTask, MultiHopRAGTask
+    if name.startswith("world") and name[5:].isdigit():
+        level = int(name[5:])
+        if split == "train":
+            return world_task(level, "train", retriever=args.retriever, num_examples=args.stream_examples, seed=args.seed)
+        return world_task(level, "heldout", retriever=args.retriever, num_examples=args.eval_examples)
+    if name == "qa":
+        from tasks.jsonl_qa import JsonlQA
+        from nanochat.retrieval import RetrievalManager
+        if not (args.qa and args.kb):
+            raise ValueError("the 'qa' mixture entry needs --qa FILE.jsonl and --kb KB_DIR")
+        retriever = RetrievalManager(args.kb, retriever=args.retriever)
+        base = JsonlQA(args.qa)
+        return MultiHopRAGTask(base, retriever, args.top_k) if args.multihop else RAGTask(base, retriever, args.top_k)
+    train = split == "train"
+    if name == "smoltalk":
+        from tasks.smoltalk import SmolTalk
+        return SmolTalk(split="train" if train else "test")
+    if name == "gsm8k":
+        from tasks.gsm8k import GSM8K
+        return GSM8K(subset="main", split="train" if train else "test")
+    if name == "arc":
+        from tasks.arc import ARC
+        return ARC(subset="ARC-Easy", split="train" if train else "test")
+    if name == "mmlu":
+        from tasks.mmlu import MMLU
+        return MMLU(subset="auxiliary_train", split="train") if train else MMLU(subset="all", split="test")
+    if name == "hotpotqa":
+        from tasks.hotpotqa import HotpotQA
+        return MultiHopRAGTask(HotpotQA(split="train" if train else "validation"), args.retriever, args.top_k)
+    raise ValueError(f"unknown task {name!r} in --mixture (world1..world4, qa, smoltalk, gsm8k, arc, mmlu, hotpotqa)")
+
+
+def parse_mixture(spec):
+    """'world2:2,world3' -> [('world2', 2), ('world3', 1)]"""
+    items = []
+    for item in spec.split(","):
+        name, _, weight = item.strip().partition(":")
+        try:
+            w = int(weight) if weight else 1
+        except ValueError:
+            raise ValueError(f"--mixture weight must be an integer, got {item!r}") from None
+        if not name or w < 1:
+            raise ValueError(f"--mixture entries look like name[:weight>=1], got {item!r}")
+        items.append((name, w))
+    return items
+
+
+def build_mixture(spec, args, split="train"):
+    tasks = []
+    for name, weight in parse_mixture(spec):
+        task = build_task(name, args, split)
+        tasks += [task] * weight   # oversample by listing a task again
+    return TaskMixture(tasks)
+
+
+def render(tokenizer, example, max_tokens):
+    return tokenizer.render_conversation(example, max_tokens=max_tokens)
+
+
+def packed_batches(task, tokenizer, batch_size, seq_len, rank=0, world_size=1, device="cpu", buffer_size=32):
+    """Endless (x, y, seq_idx) batches from a task; rank r reads examples r, r+W, ..."""
+    bos = tokenizer.get_bos_token_id()
+    row_len = seq_len + 1
+    buffer = deque()
+    index = rank
+
+    def refill():
+        nonlocal index
+        while len(buffer) < buffer_size:
+            ids, mask = render(tokenizer, task[index % len(task)], row_len)
+            buffer.append((ids, mask))
+            index += world_size
+
+    while True:
+        xs, ys, seqs = [], [], []
+        for _ in range(batch_size):
+            ids, mask, seq = [], [], []
+            n_conv = 0
+            while True:
+                refill()
+                space = row_len - len(ids)
+                best = max((k for k in range(len(buffer)) if len(buffer[k][0]) <= space),
+                           key=lambda k: len(buffer[k][0]), default=None)
+                if best is None:
+                    break
+                conv_ids, conv_mask = buffer[best]
+                del buffer[best]
+                ids += conv_ids
+                mask += conv_mask
+                seq += [n_conv] * len(conv_ids)
+                n_conv += 1
+            pad = row_len - len(ids)
+            ids += [bos] * pad
+            mask += [0] * pad
+            seq += [n_conv] * pad
+            t = torch.tensor(ids)
+            m = torch.tensor(mask)
+            xs.append(t[:-1])
+            ys.append(torch.where(m[1:] == 1, t[1:], torch.full_like(t[1:], -1)))
+            seqs.append(torch.tensor(seq[:-1]))
+        yield (torch.stack(xs).to(device), torch.stack(ys).to(device), torch.stack(seqs).to(device))

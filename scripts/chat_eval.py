@@ -1,0 +1,105 @@
+"""
+Evaluate a chat model.
+
+Generative QA with retrieval (EM, F1, gold-document recall, searches per question):
+    python -m scripts.chat_eval --qa questions.jsonl --kb KB_DIR                 # documents shown before the question
+    python -m scripts.chat_eval --qa questions.jsonl --kb KB_DIR --multihop      # the model searches by itself
+    python -m scripts.chat_eval --task world3 --no-retrieval                     # the held-out knowledge world, ablation
+Categorical (ChatCORE-style: argmax over the answer letters' logits):
+    python -m scripts.chat_eval --task arc
+"""
+import json
+import argparse
+
+import torch
+
+from nanochat.common import compute_init, die, print0, atomic_write_json
+from nanochat.checkpoint_manager import load_model, find_model_tag
+from nanochat.rollout import evaluate_task
+from nanochat.sft_data import build_task
+
+parser = argparse.ArgumentParser(description="Evaluate a chat model on QA with retrieval, or on multiple choice")
+parser.add_argument("--source", default="sft", choices=["base", "sft", "rl"], help="which checkpoint to evaluate")
+parser.add_argument("--model-tag", default=None, help="model tag (default: the latest of --source)")
+parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+parser.add_argument("--block-pattern", default=None, help="refuse a checkpoint whose block pattern differs")
+parser.add_argument("--task", default=None, help="world1..world4 (held-out knowledge world), arc, mmlu, gsm8k, hotpotqa")
+parser.add_argument("--qa", default=None, help="JSONL file of {question, answers, supporting_ids?, hops?}")
+parser.add_argument("--kb", default=None, help="knowledge base directory for --qa")
+parser.add_argument("--multihop", action="store_true", help="--qa: the model writes its own searches (REFRAG) instead of RAG")
+parser.add_argument("--retriever", default="bm25", help="simple | bm25 | dense | hybrid")
+parser.add_argument("--top-k", type=int, default=3, help="documents per retrieval")
+parser.add_argument("--no-retrieval", action="store_true", help="ablation: no documents, searches return nothing")
+parser.add_argument("--max-searches", type=int, default=4, help="searches allowed per answer")
+parser.add_argument("--num-examples", type=int, default=200, help="examples to evaluate (from the start)")
+parser.add_argument("--eval-examples", type=int, default=None, help=argparse.SUPPRESS)
+parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens the model may write per answer")
+parser.add_argument("--json-out", default=None, help="write the metrics (and per-question records) to this JSON file")
+parser.add_argument("--show", type=int, default=3, help="print this many example answers")
+parser.add_argument("--device-type", default="", help="cuda | mps | cpu (default: autodetect)")
+args = parser.parse_args()
+if (args.task is None) == (args.qa is None):
+    die("give exactly one of --task or --qa")
+if args.qa and not args.kb and not args.no_retrieval:
+    die("--qa needs --kb (or --no-retrieval)")
+if args.top_k <= 0 or args.num_examples <= 0:
+    die("--top-k and --num-examples must be positive")
+args.eval_examples = args.num_examples
+args.stream_examples, args.seed = 1, 0
+
+_, _, _, _, device = compute_init(args.device_type)
+try:
+    model_tag = args.model_tag or find_model_tag(args.source)
+    model, tokenizer, meta = load_model(args.source, device, model_tag=model_tag, step=args.step,
+                                        expect_block_pattern=args.block_pattern)
+    if args.qa:
+        from tasks.jsonl_qa import JsonlQA
+        from tasks.rag import RAGTask, MultiHopRAGTask
+        base = JsonlQA(args.qa)
+        if args.no_retrieval:
+            task = base
+        else:
+            from nanochat.retrieval import RetrievalManager
+            kb = RetrievalManager(args.kb, retriever=args.retriever)
+            task = MultiHopRAGTask(base, kb, args.top_k) if args.multihop else RAGTask(base, kb, args.top_k)
+    else:
+        task = build_task(args.task, args, "heldout")
+except (FileNotFoundError, ValueError, RuntimeError) as e:
+    die(str(e))
+if len(task) == 0:
+    die("the evaluation set is empty")
+
+
+@torch.no_grad()
+def categorical_accuracy(task, n):
+    """Argmax over the letters' next-token logits after <|assistant_start|>."""
+    correct = 0
+    n = min(n, len(task))
+    for i in range(n):
+        example = task[i]
+        prompt = tokenizer.render_for_completion(example, max_tokens=model.config.sequence_len)
+        logits = model(torch.tensor([prompt], device=device))[0, -1]
+        letter_ids = [tokenizer.encode(letter)[0] for letter in example["letters"]]
+        choice = example["letters"][int(logits[letter_ids].argmax())]
+        correct += task.evaluate(example, choice)
+    return {"accuracy": correct / n, "n": n}
+
+
+name = args.qa or args.task
+mode = "no retrieval" if args.no_retrieval else ("multi-hop search" if args.multihop or args.task in ("world3", "world4", "hotpotqa") else "retrieval")
+if task.eval_type == "categorical":
+    metrics, records = categorical_accuracy(task, args.num_examples), []
+    print0(f"{name}: accuracy {metrics['accuracy']:.3f} over {metrics['n']} questions")
+else:
+    metrics, records = evaluate_task(model, tokenizer, task, args.num_examples, args.max_new_tokens,
+                                     retrieval=not args.no_retrieval, max_searches=args.max_searches)
+    print0(f"{name} ({mode}): EM {metrics['em']:.3f} | F1 {metrics['f1']:.3f} | gold-doc recall {metrics['gold_recall']:.3f} "
+           f"| searches/question {metrics['searches']:.2f} | over {metrics['n']} questions")
+    for r in records[:args.show]:
+        searches = [p["text"] for p in r["parts"] if p["type"] == "search"]
+        print0(f"  Q: {r['question']}\n     searches: {searches}\n     answer: {r['answer']!r} | gold: {r['answers']} | EM {r['em']:.0f}")
+if args.json_out:
+    out = {"task": name, "source": args.source, "model_tag": model_tag, "block_pattern": model.config.block_pattern,
+           "mode": mode, "metrics": metrics, "records": records}
+    atomic_write_json(args.json_out, json.loads(json.dumps(out, default=str)))
+    print0(f"wrote {args.json_out}")

@@ -1,0 +1,195 @@
+"""
+On-policy RL with search in the loop. For each question the policy samples several answers; in
+each one it writes its own search queries, the Engine runs them on the question's knowledge base
+and injects the documents, and the final answer is scored against the gold answers (EM + a small
+format term, from the task's reward). Advantages are rewards minus the mean of the question's
+group (REINFORCE with a per-question baseline; --advantage grpo also divides by the group's std).
+Injected documents and the prompt are masked out of the loss.
+
+    python -m scripts.chat_rl                                  # knowledge world, single-hop -> multi-hop
+    torchrun --standalone --nproc_per_node=2 -m scripts.chat_rl -- --num-iterations 50
+"""
+import os
+import json
+import time
+import math
+import argparse
+from collections import deque
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import compute_init, compute_cleanup, print0, init_wandb, autocast_ctx, die
+from nanochat.checkpoint_manager import load_model, save_checkpoint, checkpoint_dir, find_model_tag
+from nanochat.optim import setup_optimizers, all_reduce_grads
+from nanochat.sft_data import build_task, parse_mixture
+from nanochat.rollout import rollout, rl_batch, policy_gradient_loss, evaluate_task
+
+parser = argparse.ArgumentParser(description="RL with the model's own searches: rewards from its generated answers")
+parser.add_argument("--source", default="sft", choices=["sft", "rl"], help="checkpoint to start from")
+parser.add_argument("--model-tag", default=None, help="model tag (default: the latest SFT model)")
+parser.add_argument("--block-pattern", default=None, help="refuse a checkpoint whose block pattern differs (safety check)")
+# tasks and curriculum
+parser.add_argument("--curriculum", default="world2,world3,world4",
+                    help="comma list of stages, each a --mixture-style spec joined by '+', e.g. 'world2,world3+world2'; "
+                         "training moves to the next stage when rollout EM over the last --advance-window steps "
+                         "reaches --advance-em (a single stage = no curriculum)")
+parser.add_argument("--advance-em", type=float, default=0.8, help="rollout EM that moves the curriculum on")
+parser.add_argument("--advance-window", type=int, default=10, help="steps averaged for --advance-em")
+parser.add_argument("--kb", default=None, help="knowledge base directory for the 'qa' task")
+parser.add_argument("--qa", default=None, help="JSONL QA file for the 'qa' task")
+parser.add_argument("--multihop", action="store_true", help="'qa' task: the model searches by itself")
+parser.add_argument("--retriever", default="bm25", help="simple | bm25 | dense | hybrid")
+parser.add_argument("--top-k", type=int, default=3, help="documents per search for the 'qa' task")
+parser.add_argument("--max-searches", type=int, default=4, help="searches allowed per answer (hop cap)")
+parser.add_argument("--stream-examples", type=int, default=200_000, help="examples per knowledge-world training stream")
+parser.add_argument("--seed", type=int, default=1, help="seed of the training streams (differs from SFT's by default)")
+# optimisation
+parser.add_argument("--num-iterations", type=int, default=100, help="optimizer steps")
+parser.add_argument("--prompts-per-step", type=int, default=8, help="questions per step per process")
+parser.add_argument("--num-samples", type=int, default=8, help="sampled answers per question (one group)")
+parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens the policy may write per answer (documents excluded)")
+parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of rollouts")
+parser.add_argument("--advantage", default="mean", choices=["mean", "grpo"], help="baseline: group mean, or GRPO (mean and std)")
+parser.add_argument("--lr-frac", type=float, default=0.1, help="learning rates as a fraction of the base_train defaults")
+# evaluation, output
+parser.add_argument("--eval-every", type=int, default=25, help="held-out EM every N steps (0: only at the end)")
+parser.add_argument("--eval-examples", type=int, default=60, help="held-out examples per evaluation")
+parser.add_argument("--eval-mixture", default="world2,world3", help="held-out tasks")
+parser.add_argument("--device-type", default="", help="cuda | mps | cpu (default: autodetect)")
+parser.add_argument("--run", default="dummy", help="wandb run name ('dummy' disables wandb)")
+args = parser.parse_args()
+user_config = vars(args).copy()
+for flag in ("num_iterations", "prompts_per_step", "num_samples", "max_new_tokens", "top_k", "max_searches"):
+    if getattr(args, flag) <= 0:
+        die(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+stages = [s.replace("+", ",") for s in args.curriculum.split(",") if s.strip()]
+try:
+    for spec in stages + [args.eval_mixture]:
+        parse_mixture(spec)
+except ValueError as e:
+    die(str(e).replace("--mixture", "--curriculum"))
+
+ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
+master = rank == 0
+wandb_run = init_wandb(args.run, "nanochat-rag-rl", user_config, master)
+try:
+    model_tag = args.model_tag or find_model_tag(args.source)
+    model, tokenizer, meta = load_model(args.source, device, phase="train", model_tag=model_tag,
+                                        expect_block_pattern=args.block_pattern)
+    # each stage: its tasks listed by weight; prompts take them in turn (so rewards come from the owning task)
+    stage_tasks = [[build_task(name, args, "train") for name, w in parse_mixture(spec) for _ in range(w)] for spec in stages]
+    eval_tasks = {name: build_task(name, args, "heldout") for name, _ in parse_mixture(args.eval_mixture)}
+except (FileNotFoundError, ValueError, RuntimeError) as e:
+    die(str(e))
+print0(f"RL of {args.source}/{model_tag} ({model.config.block_pattern}); curriculum: {' -> '.join(stages)}")
+base_cfg = meta.get("user_config", {})
+lrs = {k: base_cfg.get(k, d) * args.lr_frac for k, d in
+       (("matrix_lr", 0.02), ("embedding_lr", 0.2), ("unembedding_lr", 0.004), ("other_lr", 0.004))}
+# SFT's meta carries its own flags; the learning rates of base_train are the reference either way
+optimizers = setup_optimizers(model, **{k: v for k, v in lrs.items()})
+pad_id = tokenizer.encode_special("<|assistant_end|>")
+
+
+def mean_over_ranks(values):
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if ddp:
+        dist.all_reduce(t)
+        t /= world_size
+    return t.tolist()
+
+
+def evaluate(step):
+    record = {"step": step, "time_min": train_time / 60, "stage": stage}
+    for name, task in eval_tasks.items():
+        metrics, _ = evaluate_task(model, tokenizer, task, args.eval_examples, max_searches=args.max_searches)
+        for k in ("em", "f1", "searches", "gold_recall"):
+            record[f"{name}/{k}"] = metrics[k]
+    print0(f"step {step:5d} | held-out " + " | ".join(f"{n}: EM {record[n + '/em']:.3f}" for n in eval_tasks))
+    return record
+
+
+ckpt_dir = checkpoint_dir("rl", model_tag)
+metrics_path = os.path.join(ckpt_dir, "metrics.jsonl")
+if master:
+    os.makedirs(ckpt_dir, exist_ok=True)
+    open(metrics_path, "w").close()
+stage, stage_start, recent_em = 0, 0, deque(maxlen=args.advance_window)
+cursor = {}   # next example index of each task for this rank
+train_time, step = 0.0, 0
+while True:
+    last = step == args.num_iterations
+    if last or (args.eval_every > 0 and step % args.eval_every == 0):
+        record = evaluate(step)
+        if master:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        wandb_run.log(record)
+    if last:
+        break
+    t0 = time.time()
+    # --- rollouts: the policy answers each question num_samples times, searching as it likes
+    model.eval()
+    samples, advantages = [], []
+    for k in range(args.prompts_per_step):
+        task = stage_tasks[stage][(step * args.prompts_per_step + k) % len(stage_tasks[stage])]
+        i = cursor.get(id(task), rank)
+        cursor[id(task)] = i + world_size
+        example = task[i % len(task)]
+        _, group = rollout(model, tokenizer, task, example, args.num_samples, args.temperature, None,
+                           args.max_new_tokens, seed=hash((args.seed, step, rank, k)) & 0x7FFFFFFF,
+                           max_searches=args.max_searches, keep_stop=True)
+        rewards = torch.tensor([s["reward"] for s in group])
+        adv = rewards - rewards.mean()
+        if args.advantage == "grpo":
+            adv = adv / (rewards.std() + 1e-4)
+        samples += group
+        advantages += adv.tolist()
+    # --- policy gradient on the sampled tokens only
+    model.train()
+    x, y = rl_batch(samples, pad_id, device)
+    adv = torch.tensor(advantages, dtype=torch.float32, device=device)
+    with autocast_ctx(device):
+        logits = model(x)
+    loss = policy_gradient_loss(logits, y, adv)
+    loss.backward()
+    all_reduce_grads(model)
+    lrm = 1.0 - step / args.num_iterations   # linear decay to 0, as nanochat's RL
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    dt = time.time() - t0
+    train_time += dt
+    step += 1
+    n = len(samples)
+    searches = sum(s["searches"] for s in samples)
+    recall = [s["gold_recall"] for s in samples if s["gold_recall"] == s["gold_recall"]]
+    stats = mean_over_ranks([sum(s["reward"] for s in samples) / n, sum(s["em"] for s in samples) / n, searches / n,
+                             sum(s["valid_searches"] for s in samples) / max(searches, 1),
+                             sum(recall) / max(len(recall), 1), sum(s["length"] for s in samples) / n])
+    reward, em, per_q, valid_rate, gold_recall, length = stats
+    recent_em.append(em)
+    print0(f"step {step:4d}/{args.num_iterations} | stage {stage} | reward {reward:.3f} | EM {em:.3f} | "
+           f"searches/q {per_q:.2f} | valid searches {valid_rate:.2f} | gold recall {gold_recall:.2f} | "
+           f"len {length:.1f} | {dt:.1f}s")
+    wandb_run.log({"step": step, "reward": reward, "em": em, "searches_per_question": per_q,
+                   "valid_search_rate": valid_rate, "gold_recall": gold_recall, "response_length": length})
+    if master:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps({"step": step, "train/reward": reward, "train/em": em, "train/searches": per_q,
+                                "train/valid_searches": valid_rate, "train/gold_recall": gold_recall,
+                                "train/length": length, "stage": stage}) + "\n")
+    if (stage + 1 < len(stages) and len(recent_em) == args.advance_window
+            and sum(recent_em) / len(recent_em) >= args.advance_em):
+        stage += 1
+        recent_em.clear()
+        print0(f"curriculum: rollout EM reached {args.advance_em:.2f}, moving to stage {stage} ({stages[stage]})")
+
+meta_out = {"model_config": model.config.to_dict(), "user_config": user_config, "step": step, "phase": "rl",
+            "base": {"source": args.source, "model_tag": model_tag}, "heldout": record, "train_time_min": train_time / 60}
+save_checkpoint(ckpt_dir, step, model.state_dict(), None, meta_out, rank)
+print0(f"saved {ckpt_dir} step {step}")
+wandb_run.finish()
+compute_cleanup()

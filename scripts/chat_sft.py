@@ -1,0 +1,174 @@
+"""
+Supervised fine-tuning from a base checkpoint, on a mixture of tasks that can include RAG and
+multi-hop REFRAG conversations. Retrieval is data here, not a different trainer.
+
+    python -m scripts.chat_sft                                          # offline default: the knowledge world
+    python -m scripts.chat_sft --mixture qa:1 --qa my_qa.jsonl --kb my_kb --retriever bm25
+    torchrun --standalone --nproc_per_node=2 -m scripts.chat_sft -- --num-iterations 100
+
+The loss covers only what the assistant writes (answers, search queries); documents, user turns
+and tool output are context. Held-out answer loss and EM are logged to metrics.jsonl next to the
+checkpoint, for plots.
+"""
+import os
+import json
+import time
+import math
+import argparse
+
+import torch
+
+from nanochat.common import compute_init, compute_cleanup, print0, init_wandb, autocast_ctx, die
+from nanochat.checkpoint_manager import load_model, save_checkpoint, checkpoint_dir, find_model_tag
+from nanochat.optim import setup_optimizers, all_reduce_grads
+from nanochat.sft_data import build_mixture, build_task, packed_batches, parse_mixture
+from nanochat.rollout import evaluate_task
+
+parser = argparse.ArgumentParser(description="Supervised fine-tuning on chat / RAG / multi-hop search conversations")
+parser.add_argument("--source", default="base", choices=["base", "sft"], help="checkpoint to start from")
+parser.add_argument("--model-tag", default=None, help="model tag to load and to save under (default: the latest base model)")
+parser.add_argument("--block-pattern", default=None, help="refuse a checkpoint whose block pattern differs (safety check)")
+# data
+parser.add_argument("--mixture", default="world1:1,world2:3,world3:3,world4:1",
+                    help="comma list of task[:weight]: world1..world4 (knowledge-world levels: 1 doc, distractors, 2-hop, 3-hop), "
+                         "qa (needs --qa/--kb), smoltalk, gsm8k, arc, mmlu, hotpotqa (online)")
+parser.add_argument("--kb", default=None, help="knowledge base directory (kb_tools.build_kb) for the 'qa' task")
+parser.add_argument("--qa", default=None, help="JSONL file of {question, answers, supporting_ids?} for the 'qa' task")
+parser.add_argument("--multihop", action="store_true", help="'qa' task: teach multi-hop search (rows need 'hops')")
+parser.add_argument("--retriever", default="bm25", help="simple | bm25 | dense | hybrid")
+parser.add_argument("--top-k", type=int, default=3, help="documents per retrieval (the 'qa' task; world levels fix their own)")
+parser.add_argument("--stream-examples", type=int, default=200_000, help="examples per knowledge-world training stream")
+parser.add_argument("--seed", type=int, default=0, help="seed of the training streams")
+# optimisation
+parser.add_argument("--num-iterations", type=int, default=500, help="optimizer steps")
+parser.add_argument("--device-batch-size", type=int, default=8, help="rows per forward pass per process")
+parser.add_argument("--max-seq-len", type=int, default=None, help="row length (default: the base model's context)")
+parser.add_argument("--lr-frac", type=float, default=1.0, help="learning rates as a fraction of the base_train defaults")
+parser.add_argument("--warmdown-ratio", type=float, default=0.3, help="fraction of final steps with linear LR decay to 0")
+# evaluation, output
+parser.add_argument("--eval-every", type=int, default=100, help="held-out loss and EM every N steps (0: only at the end)")
+parser.add_argument("--eval-examples", type=int, default=60, help="held-out examples per EM evaluation")
+parser.add_argument("--eval-mixture", default="world2,world3", help="held-out tasks for loss and EM (same names as --mixture)")
+parser.add_argument("--device-type", default="", help="cuda | mps | cpu (default: autodetect)")
+parser.add_argument("--run", default="dummy", help="wandb run name ('dummy' disables wandb)")
+args = parser.parse_args()
+user_config = vars(args).copy()
+if args.num_iterations <= 0 or args.device_batch_size <= 0:
+    die("--num-iterations and --device-batch-size must be positive")
+if args.top_k <= 0:
+    die(f"--top-k must be positive, got {args.top_k}")
+try:
+    parse_mixture(args.mixture)
+    parse_mixture(args.eval_mixture)
+except ValueError as e:
+    die(str(e))
+
+ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
+master = rank == 0
+wandb_run = init_wandb(args.run, "nanochat-rag-sft", user_config, master)
+
+# model
+try:
+    model_tag = args.model_tag or find_model_tag(args.source)
+    model, tokenizer, meta = load_model(args.source, device, phase="train", model_tag=model_tag,
+                                        expect_block_pattern=args.block_pattern)
+except (FileNotFoundError, ValueError) as e:
+    die(str(e))
+seq_len = args.max_seq_len or model.config.sequence_len
+print0(f"SFT of {args.source}/{model_tag} ({model.config.block_pattern}, {model.num_params():,} params), rows of {seq_len} tokens")
+
+base_cfg = meta.get("user_config", {})
+lrs = {k: base_cfg.get(k, d) * args.lr_frac for k, d in
+       (("matrix_lr", 0.02), ("embedding_lr", 0.2), ("unembedding_lr", 0.004), ("other_lr", 0.004))}
+optimizers = setup_optimizers(model, **lrs)
+
+# data
+try:
+    train_task = build_mixture(args.mixture, args, "train")
+    eval_tasks = {name: build_task(name, args, "heldout") for name, _ in parse_mixture(args.eval_mixture)}
+except (ValueError, FileNotFoundError, RuntimeError) as e:
+    die(str(e))
+print0(f"training mixture: {args.mixture} ({len(train_task):,} examples); held-out eval: {', '.join(eval_tasks)}")
+batches = packed_batches(train_task, tokenizer, args.device_batch_size, seq_len, rank, world_size, device)
+
+
+@torch.no_grad()
+def heldout_answer_loss(task, n=32):
+    """Mean loss on the assistant's tokens of held-out examples (teacher forced): moves earlier than EM."""
+    total, count = 0.0, 0
+    for i in range(min(n, len(task))):
+        ids, mask = tokenizer.render_conversation(task[i], max_tokens=seq_len + 1)
+        x = torch.tensor([ids[:-1]], device=device)
+        y = torch.tensor([[t if m else -1 for t, m in zip(ids[1:], mask[1:])]], device=device)
+        with autocast_ctx(device):
+            loss = model(x, y, loss_reduction="none")
+        total += loss.sum().item()
+        count += int((y >= 0).sum())
+    return total / max(count, 1)
+
+
+def evaluate(step):
+    model.eval()
+    record = {"step": step, "time_min": train_time / 60}
+    for name, task in eval_tasks.items():
+        record[f"{name}/answer_loss"] = heldout_answer_loss(task)
+        metrics, _ = evaluate_task(model, tokenizer, task, args.eval_examples)
+        for k in ("em", "f1", "searches", "gold_recall"):
+            record[f"{name}/{k}"] = metrics[k]
+    model.train()
+    print0(f"step {step:5d} | held-out " + " | ".join(
+        f"{n}: EM {record[n + '/em']:.3f} loss {record[n + '/answer_loss']:.3f}" for n in eval_tasks))
+    return record
+
+
+def lr_multiplier(step):
+    warmdown = round(args.warmdown_ratio * args.num_iterations)
+    return 1.0 if step < args.num_iterations - warmdown else (args.num_iterations - step) / max(warmdown, 1)
+
+
+ckpt_dir = checkpoint_dir("sft", model_tag)
+metrics_path = os.path.join(ckpt_dir, "metrics.jsonl")
+if master:
+    os.makedirs(ckpt_dir, exist_ok=True)
+    open(metrics_path, "w").close()
+train_time, step = 0.0, 0
+model.train()
+while True:
+    last = step == args.num_iterations
+    if last or (args.eval_every > 0 and step % args.eval_every == 0):
+        record = evaluate(step)   # every rank evaluates (cheap), rank 0 writes
+        if master:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        wandb_run.log(record)
+    if last:
+        break
+    t0 = time.time()
+    x, y, seq_idx = next(batches)
+    with autocast_ctx(device):
+        loss = model(x, y, seq_idx=seq_idx)
+    loss.backward()
+    all_reduce_grads(model)
+    lrm = lr_multiplier(step)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    loss_value = loss.item()
+    if not math.isfinite(loss_value):
+        die(f"loss became {loss_value} at step {step}: lower --lr-frac")
+    dt = time.time() - t0
+    train_time += dt
+    step += 1
+    supervised = int((y >= 0).sum())
+    print0(f"step {step:5d}/{args.num_iterations} | loss {loss_value:.4f} | lrm {lrm:.2f} | {supervised} supervised tokens | "
+           f"{dt * 1000:.0f} ms | total {train_time / 60:.2f} min")
+    wandb_run.log({"step": step, "train/loss": loss_value, "train/lrm": lrm})
+
+meta_out = {"model_config": model.config.to_dict(), "user_config": user_config, "step": step, "phase": "sft",
+            "base": {"source": args.source, "model_tag": model_tag}, "heldout": record, "train_time_min": train_time / 60}
+save_checkpoint(ckpt_dir, step, model.state_dict(), None, meta_out, rank)
+print0(f"saved {ckpt_dir} step {step}")
+wandb_run.finish()
+compute_cleanup()
