@@ -8,12 +8,11 @@ or add new documents to an existing one.
 .jsonl lines are {"id", "title", "text"} (title optional, extra keys kept as metadata); a .txt/.md
 file is one document whose id is its path relative to the directory given. Documents are split
 into chunks of --chunk-words words overlapping by --overlap; every chunk keeps its doc_id.
-Documents repeating an earlier id, or an earlier title+text, are dropped and counted.
+Documents repeating an earlier id, or an earlier text, are dropped and counted.
 The KB is written to a temporary sibling directory and swapped in only when complete.
 """
 import argparse
 
-from nanochat.common import die
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--input", nargs="+", required=True, metavar="PATH", help=".jsonl/.txt/.md files or directories")
@@ -32,6 +31,8 @@ parser.add_argument("--batch-size", type=int, default=32, help="encoding batch s
 parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 args = parser.parse_args()
 
+from nanochat.common import die  # noqa: E402  (after argparse: it imports torch, --help stays instant)
+
 if args.batch_size <= 0:
     die(f"--batch-size must be positive, got {args.batch_size}")
 if args.index not in (None, "flat", "hnsw", "ivf"):
@@ -40,7 +41,7 @@ if args.bm25_method not in (None, "lucene", "robertson", "atire"):
     die(f"--bm25-method must be lucene, robertson or atire, got {args.bm25_method!r}")
 retrievers = [r.strip() for r in args.retrievers.split(",") if r.strip()] if args.retrievers is not None else None
 
-from nanochat.retrieval.kb import build_kb  # noqa: E402  (after argparse so --help is instant)
+from nanochat.retrieval.kb import build_kb  # noqa: E402
 
 try:
     s = build_kb(args.input, args.out, retrievers=retrievers, chunk_words=args.chunk_words, overlap=args.overlap,

@@ -6,7 +6,6 @@ Search a knowledge base from the command line.
 import argparse
 import json
 
-from nanochat.common import die
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--kb", required=True, metavar="KB_DIR", help="knowledge base directory (from kb_tools.build_kb)")
@@ -15,6 +14,8 @@ parser.add_argument("--top-k", type=int, default=5, help="number of results (def
 parser.add_argument("--query", required=True, help="the query text")
 parser.add_argument("--json", action="store_true", help="print one JSON object per result instead of a listing")
 args = parser.parse_args()
+
+from nanochat.common import die  # noqa: E402  (after argparse: it imports torch, --help stays instant)
 
 if args.top_k <= 0:
     die(f"--top-k must be at least 1, got {args.top_k}")

@@ -198,5 +198,6 @@ def read_documents(paths):
 
 
 def content_key(doc):
-    """Two documents with the same title and text are duplicates whatever their ids."""
-    return hashlib.sha1(f"{doc.title}\0{doc.text}".encode("utf-8")).hexdigest()
+    """Two documents with the same text are duplicates whatever their ids and titles
+    (a .txt file's title is its file name, so copies of one file differ only there)."""
+    return hashlib.sha1(doc.text.strip().encode("utf-8")).hexdigest()

@@ -182,7 +182,7 @@ def build_kb(inputs, out_dir, retrievers=None, chunk_words=None, overlap=None, m
         if not os.path.isdir(out_dir) or os.listdir(out_dir):
             raise ValueError(f"--out {out_dir}: exists and is not a knowledge base; refusing to replace it")
 
-    # read, de-duplicate (same id, or same title+text) and chunk
+    # read, de-duplicate (same id, or same text) and chunk
     documents = list(old.documents) if old else []
     seen_ids = {d.id for d in documents}
     seen_content = {content_key(d) for d in documents}
