@@ -1,0 +1,316 @@
+"""
+Serve a trained model as a chat web app, optionally reading from a knowledge base.
+
+    python -m scripts.chat_web --source sft --kb KB_DIR          # then open http://127.0.0.1:8000
+    python -m scripts.chat_web --kb KB_DIR --num-workers 2       # two model replicas (one per GPU on CUDA)
+
+Endpoints:
+    GET  /                  the single-page UI (nanochat/ui.html)
+    POST /chat/completions  {"messages": [{"role": "user", "content": "..."}], "retrieval": "auto",
+                            "top_k": 3, "temperature": 0.6, "top_k_sampling": 50, "max_tokens": 256, "seed": 1}
+                            -> a server-sent-event stream, one `data: {json}` line per event of
+                            nanochat.chat.respond (search, documents, token, done), or an error event
+    GET  /health            {"status": "ok", "workers": n, "free_workers": k}
+    GET  /stats             model, KB, limits, and per-worker request/token counts
+
+The prompt is built by nanochat/chat.py, the same code the CLI uses. Generation is synchronous
+torch code, so it never runs on the event loop: each request borrows a worker (one model replica
+per device) from a pool, runs in its own thread, and hands its events to the async SSE stream
+through a queue. Requests wait for a free worker. The server binds 127.0.0.1 unless told otherwise:
+there is no authentication, so exposing it is a deliberate choice (--host 0.0.0.0).
+"""
+import os
+import json
+import time
+import random
+import asyncio
+import argparse
+import threading
+from contextlib import asynccontextmanager
+
+import torch
+
+from nanochat.common import compute_init, die
+from nanochat.checkpoint_manager import load_model, find_model_tag
+from nanochat.chat import respond, RETRIEVAL_MODES
+
+# Request limits: a request over any of them is refused with a 4xx and a one-line reason.
+MAX_BODY_BYTES = 1_000_000
+MAX_MESSAGES = 500
+MAX_MESSAGE_CHARS = 8000
+MAX_TOTAL_CHARS = 32000
+MAX_TOP_K = 20               # documents per search
+MAX_TOP_K_SAMPLING = 200
+MAX_MAX_TOKENS = 4096        # also capped by the model's sequence length, see below
+MAX_TEMPERATURE = 2.0
+
+parser = argparse.ArgumentParser(description="Chat with a trained model in the browser (optionally over a knowledge base)")
+parser.add_argument("--source", default="sft", choices=["base", "sft", "rl"], help="which training stage's checkpoint to load")
+parser.add_argument("--model-tag", default=None, help="checkpoint directory name (default: the latest written)")
+parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+parser.add_argument("--kb", default=None, help="knowledge base directory built by kb_tools.build_kb")
+parser.add_argument("--retriever", default="bm25", help="simple | bm25 | dense | hybrid (must be built into the KB)")
+parser.add_argument("--top-k", type=int, default=3, help="default documents per search (the UI can change it)")
+parser.add_argument("--retrieval", default="auto", choices=RETRIEVAL_MODES, help="default retrieval mode (the UI can change it)")
+parser.add_argument("--max-searches", type=int, default=4, help="most searches the model may make per answer (mode auto)")
+parser.add_argument("--temperature", type=float, default=0.6, help="default sampling temperature")
+parser.add_argument("--top-k-sampling", type=int, default=50, help="default: sample among the k most likely tokens")
+parser.add_argument("--max-tokens", type=int, default=256, help="default most tokens per answer")
+parser.add_argument("--num-workers", type=int, default=1,
+                    help="model replicas serving requests in parallel; on CUDA worker i uses GPU i (mod the GPU count)")
+parser.add_argument("--device-type", default="", help="cuda | mps | cpu (default: autodetect)")
+parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the server to the network)")
+parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+args = parser.parse_args()
+if args.num_workers < 1:
+    die(f"--num-workers must be at least 1, got {args.num_workers}")
+if not 1 <= args.top_k <= MAX_TOP_K:
+    die(f"--top-k must be in 1..{MAX_TOP_K}, got {args.top_k}")
+if not 0 <= args.temperature <= MAX_TEMPERATURE:
+    die(f"--temperature must be in 0..{MAX_TEMPERATURE}, got {args.temperature}")
+if not 1 <= args.max_tokens <= MAX_MAX_TOKENS:
+    die(f"--max-tokens must be in 1..{MAX_MAX_TOKENS}, got {args.max_tokens}")
+if args.retrieval == "always" and args.kb is None:
+    die("--retrieval always needs --kb")
+
+# -----------------------------------------------------------------------------
+# Models (one replica per worker) and the knowledge base (one, shared: searches only read it)
+
+_, _, _, _, device = compute_init(args.device_type)
+if device.type == "cuda":
+    devices = [torch.device("cuda", i % torch.cuda.device_count()) for i in range(args.num_workers)]
+else:
+    devices = [device] * args.num_workers   # CPU/MPS: replicas share the device, each runs its own request
+
+
+class Worker:
+    """One model replica and what it has served."""
+
+    def __init__(self, index, device, model):
+        self.index, self.device, self.model = index, device, model
+        self.requests, self.tokens, self.busy = 0, 0, False
+
+
+workers = []
+try:
+    model_tag = args.model_tag or find_model_tag(args.source)   # resolved once: every replica loads the same model
+except FileNotFoundError as e:
+    die(str(e))
+for i, d in enumerate(devices):
+    try:
+        model, tokenizer, meta = load_model(args.source, d, model_tag=model_tag, step=args.step)
+    except (FileNotFoundError, ValueError) as e:
+        die(str(e))
+    workers.append(Worker(i, d, model))
+model_config = meta["model_config"]
+# the prompt gets sequence_len - max_tokens tokens (chat.respond), so leave it at least a little room
+max_tokens_limit = min(MAX_MAX_TOKENS, model_config["sequence_len"] - 32)
+if max_tokens_limit < 1:
+    die(f"the model's sequence length {model_config['sequence_len']} is too short to chat with")
+if args.max_tokens > max_tokens_limit:
+    die(f"--max-tokens {args.max_tokens} leaves no room for the prompt: this model allows at most {max_tokens_limit}")
+
+retriever = None
+if args.kb:
+    from nanochat.retrieval import RetrievalManager
+    try:
+        retriever = RetrievalManager(args.kb, retriever=args.retriever)
+    except (FileNotFoundError, ValueError) as e:
+        die(str(e))
+
+info = {
+    "model": {"source": args.source, "model_tag": model_tag,
+              "step": meta.get("step"), "block_pattern": model_config["block_pattern"], "n_layer": model_config["n_layer"],
+              "n_embd": model_config["n_embd"], "sequence_len": model_config["sequence_len"],
+              "params": sum(p.numel() for p in workers[0].model.parameters()), "devices": [str(w.device) for w in workers]},
+    "kb": None if retriever is None else {"dir": os.path.abspath(args.kb), "retriever": args.retriever,
+                                          "documents": len(retriever.documents), "chunks": len(retriever.chunks)},
+    "defaults": {"retrieval": args.retrieval if retriever else "off", "top_k": args.top_k, "temperature": args.temperature,
+                 "top_k_sampling": args.top_k_sampling, "max_tokens": args.max_tokens},
+    "limits": {"messages": MAX_MESSAGES, "message_chars": MAX_MESSAGE_CHARS, "total_chars": MAX_TOTAL_CHARS,
+               "top_k": MAX_TOP_K, "top_k_sampling": MAX_TOP_K_SAMPLING, "max_tokens": max_tokens_limit,
+               "temperature": MAX_TEMPERATURE, "body_bytes": MAX_BODY_BYTES},
+}
+with open(os.path.join(os.path.dirname(os.path.abspath(__import__("nanochat").__file__)), "ui.html"), encoding="utf-8") as f:
+    UI_HTML = f.read()
+
+# -----------------------------------------------------------------------------
+# Request checking: plain code, so every refusal says exactly what was wrong
+
+
+class BadRequest(Exception):
+    def __init__(self, message, status=400):
+        super().__init__(message)
+        self.message, self.status = message, status
+
+
+def number(body, key, default, lo, hi, kind):
+    value = body.get(key, default)
+    if value is None:
+        value = default
+    # bool is an int in Python; true/false is never a valid number here
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise BadRequest(f"{key} must be {'an integer' if kind is int else 'a number'}, got {json.dumps(value)[:40]}")
+    if not lo <= value <= hi:
+        raise BadRequest(f"{key} must be between {lo} and {hi}, got {value}")
+    return kind(value)
+
+
+def check_request(body):
+    """The validated generation settings of a /chat/completions body, or BadRequest."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages must be a non-empty list of {role, content} objects")
+    if len(messages) > MAX_MESSAGES:
+        raise BadRequest(f"too many messages: {len(messages)} (at most {MAX_MESSAGES})", 413)
+    total = 0
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise BadRequest(f"message {i} must be an object with a string content")
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m.get("role") != expected:
+            raise BadRequest(f"message {i} has role {json.dumps(m.get('role'))[:40]}, expected {expected!r} "
+                             f"(turns alternate user/assistant, starting and ending with user)")
+        if len(m["content"]) > MAX_MESSAGE_CHARS:
+            raise BadRequest(f"message {i} is too long: {len(m['content'])} characters (at most {MAX_MESSAGE_CHARS})", 413)
+        total += len(m["content"])
+    if total > MAX_TOTAL_CHARS:
+        raise BadRequest(f"conversation is too long: {total} characters (at most {MAX_TOTAL_CHARS}); start a new one", 413)
+    if messages[-1]["role"] != "user":
+        raise BadRequest("the last message must be from the user")
+    if not messages[-1]["content"].strip():
+        raise BadRequest("the last message is empty")
+    mode = body.get("retrieval") or info["defaults"]["retrieval"]
+    if mode not in RETRIEVAL_MODES:
+        raise BadRequest(f"retrieval must be one of {', '.join(RETRIEVAL_MODES)}, got {json.dumps(mode)[:40]}")
+    if mode != "off" and retriever is None:
+        if "retrieval" in body and mode == "always":
+            raise BadRequest("retrieval 'always' needs a knowledge base, and this server has none (start it with --kb)")
+        mode = "off"
+    d = info["defaults"]
+    return {
+        "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
+        "mode": mode,
+        "top_k": number(body, "top_k", d["top_k"], 1, MAX_TOP_K, int),
+        "temperature": number(body, "temperature", d["temperature"], 0.0, MAX_TEMPERATURE, float),
+        "top_k_sampling": number(body, "top_k_sampling", d["top_k_sampling"], 1, MAX_TOP_K_SAMPLING, int),
+        "max_tokens": number(body, "max_tokens", d["max_tokens"], 1, max_tokens_limit, int),
+        "seed": number(body, "seed", random.randrange(2**31), 0, 2**31 - 1, int),
+    }
+
+# -----------------------------------------------------------------------------
+# Generation off the event loop: a thread per request, on a worker borrowed from the pool
+
+
+def generate(worker, req, emit, stop, release):
+    """Runs in its own thread: stream respond()'s events through emit(), None when finished."""
+    try:
+        with torch.no_grad():   # grad mode is per thread
+            for event in respond(worker.model, tokenizer, req["messages"], req["mode"], retriever, req["top_k"],
+                                 req["temperature"], req["top_k_sampling"], req["max_tokens"], req["seed"],
+                                 args.max_searches):
+                if stop.is_set():   # the client went away: free the worker now
+                    break
+                if event["type"] == "token":
+                    worker.tokens += 1
+                elif event["type"] == "done":
+                    event = {k: v for k, v in event.items() if k != "parts"}   # documents were already streamed
+                    event["worker"] = worker.index
+                emit(event)
+    except Exception as e:   # report it in the stream (the 200 header is already sent) and in the log
+        stats["errors"] += 1
+        print(f"worker {worker.index}: generation failed: {type(e).__name__}: {e}", flush=True)
+        emit({"type": "error", "message": f"generation failed: {type(e).__name__}: {e}"})
+    finally:
+        worker.busy = False
+        emit(None)
+        release(worker)
+
+
+stats = {"started": time.time(), "requests": 0, "completed": 0, "rejected": 0, "errors": 0, "waiting": 0}
+free_workers = None   # asyncio.Queue of idle workers, made inside the event loop (lifespan)
+
+
+@asynccontextmanager
+async def lifespan(app):
+    global free_workers
+    free_workers = asyncio.Queue()
+    for w in workers:
+        free_workers.put_nowait(w)
+    print(f"serving {len(workers)} worker(s) on {', '.join(info['model']['devices'])} at http://{args.host}:{args.port}", flush=True)
+    yield
+
+
+from fastapi import FastAPI, Request  # noqa: E402  (after argparse and model loading so errors come fast)
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse  # noqa: E402
+
+app = FastAPI(title="nanochat-rag", lifespan=lifespan)
+
+
+@app.get("/")
+async def index():
+    return HTMLResponse(UI_HTML)
+
+
+@app.get("/health")
+async def health():
+    return {"status": "ok", "workers": len(workers), "free_workers": free_workers.qsize()}
+
+
+@app.get("/stats")
+async def get_stats():
+    return dict(info, uptime_s=round(time.time() - stats["started"], 1),
+                requests={k: v for k, v in stats.items() if k != "started"},
+                workers=[{"index": w.index, "device": str(w.device), "busy": w.busy, "requests": w.requests,
+                          "tokens": w.tokens} for w in workers])
+
+
+def refuse(message, status=400):
+    stats["rejected"] += 1
+    return JSONResponse({"error": message}, status_code=status)
+
+
+@app.post("/chat/completions")
+async def chat_completions(request: Request):
+    if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+        return refuse(f"request body is too large (at most {MAX_BODY_BYTES} bytes)", 413)
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        return refuse(f"request body is too large (at most {MAX_BODY_BYTES} bytes)", 413)
+    try:
+        req = check_request(json.loads(raw))
+    except (ValueError, UnicodeDecodeError):
+        return refuse("the request body is not valid JSON")
+    except BadRequest as e:
+        return refuse(e.message, e.status)
+    stats["requests"] += 1
+    loop = asyncio.get_running_loop()
+
+    async def stream():
+        events = asyncio.Queue()
+        stop = threading.Event()
+        stats["waiting"] += 1
+        try:
+            worker = await free_workers.get()   # wait for a free replica
+        finally:
+            stats["waiting"] -= 1
+        worker.busy, worker.requests = True, worker.requests + 1
+        emit = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+        release = lambda w: loop.call_soon_threadsafe(free_workers.put_nowait, w)
+        threading.Thread(target=generate, args=(worker, req, emit, stop, release), daemon=True).start()
+        try:
+            while (event := await events.get()) is not None:
+                yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+            stats["completed"] += 1
+        finally:   # also on client disconnect (the generator is cancelled): tell the thread to stop
+            stop.set()
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+if __name__ == "__main__":
+    import uvicorn
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
