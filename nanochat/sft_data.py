@@ -17,18 +17,19 @@ from tasks.common import TaskMixture
 
 def build_task(name, args, split):
     """One named task for a mixture. split 'train' streams fresh worlds; 'heldout' is for evaluation."""
-    from tasks.rag import world_task, RAGTask, MultiHopRAGTask
+    from tasks.rag import world_task, RAGTask, MultiHopRAGTask, LEVELS
     if name.startswith("world") and name[5:].isdigit():
         level = int(name[5:])
+        if level not in LEVELS:
+            raise ValueError(f"unknown knowledge-world level {name!r}: use world1..world{max(LEVELS)}")
         if split == "train":
             return world_task(level, "train", retriever=args.retriever, num_examples=args.stream_examples, seed=args.seed)
         return world_task(level, "heldout", retriever=args.retriever, num_examples=args.eval_examples)
     if name == "qa":
         from tasks.jsonl_qa import JsonlQA
-        from nanochat.retrieval import RetrievalManager
         if not (args.qa and args.kb):
             raise ValueError("the 'qa' mixture entry needs --qa FILE.jsonl and --kb KB_DIR")
-        retriever = RetrievalManager(args.kb, retriever=args.retriever)
+        retriever = open_kb(args.kb, args.retriever, args.embedding_model)
         base = JsonlQA(args.qa)
         return MultiHopRAGTask(base, retriever, args.top_k) if args.multihop else RAGTask(base, retriever, args.top_k)
     train = split == "train"
@@ -48,6 +49,13 @@ def build_task(name, args, split):
         from tasks.hotpotqa import HotpotQA
         return MultiHopRAGTask(HotpotQA(split="train" if train else "validation"), args.retriever, args.top_k)
     raise ValueError(f"unknown task {name!r} in --mixture (world1..world4, qa, smoltalk, gsm8k, arc, mmlu, hotpotqa)")
+
+
+def open_kb(kb_dir, retriever, embedding_model=None):
+    """A RetrievalManager; asking for an embedding model other than the KB's is an error there."""
+    from nanochat.retrieval import RetrievalManager
+    options = {"model": embedding_model} if embedding_model and retriever in ("dense", "hybrid") else {}
+    return RetrievalManager(kb_dir, retriever=retriever, **options)
 
 
 def parse_mixture(spec):

@@ -16,7 +16,7 @@ import torch
 from nanochat.common import compute_init, die, print0, atomic_write_json
 from nanochat.checkpoint_manager import load_model, find_model_tag
 from nanochat.rollout import evaluate_task
-from nanochat.sft_data import build_task
+from nanochat.sft_data import build_task, open_kb
 
 parser = argparse.ArgumentParser(description="Evaluate a chat model on QA with retrieval, or on multiple choice")
 parser.add_argument("--source", default="sft", choices=["base", "sft", "rl"], help="which checkpoint to evaluate")
@@ -28,6 +28,7 @@ parser.add_argument("--qa", default=None, help="JSONL file of {question, answers
 parser.add_argument("--kb", default=None, help="knowledge base directory for --qa")
 parser.add_argument("--multihop", action="store_true", help="--qa: the model writes its own searches (REFRAG) instead of RAG")
 parser.add_argument("--retriever", default="bm25", help="simple | bm25 | dense | hybrid")
+parser.add_argument("--embedding-model", default=None, help="dense/hybrid: must be the model the KB was built with (checked)")
 parser.add_argument("--top-k", type=int, default=3, help="documents per retrieval")
 parser.add_argument("--no-retrieval", action="store_true", help="ablation: no documents, searches return nothing")
 parser.add_argument("--max-searches", type=int, default=4, help="searches allowed per answer")
@@ -59,8 +60,7 @@ try:
         if args.no_retrieval:
             task = base
         else:
-            from nanochat.retrieval import RetrievalManager
-            kb = RetrievalManager(args.kb, retriever=args.retriever)
+            kb = open_kb(args.kb, args.retriever, args.embedding_model)
             task = MultiHopRAGTask(base, kb, args.top_k) if args.multihop else RAGTask(base, kb, args.top_k)
     else:
         task = build_task(args.task, args, "heldout")

@@ -40,6 +40,7 @@ parser.add_argument("--kb", default=None, help="knowledge base directory for the
 parser.add_argument("--qa", default=None, help="JSONL QA file for the 'qa' task")
 parser.add_argument("--multihop", action="store_true", help="'qa' task: the model searches by itself")
 parser.add_argument("--retriever", default="bm25", help="simple | bm25 | dense | hybrid")
+parser.add_argument("--embedding-model", default=None, help="dense/hybrid: must be the model the KB was built with (checked)")
 parser.add_argument("--top-k", type=int, default=3, help="documents per search for the 'qa' task")
 parser.add_argument("--max-searches", type=int, default=4, help="searches allowed per answer (hop cap)")
 parser.add_argument("--stream-examples", type=int, default=200_000, help="examples per knowledge-world training stream")

@@ -36,6 +36,7 @@ parser.add_argument("--kb", default=None, help="knowledge base directory (kb_too
 parser.add_argument("--qa", default=None, help="JSONL file of {question, answers, supporting_ids?} for the 'qa' task")
 parser.add_argument("--multihop", action="store_true", help="'qa' task: teach multi-hop search (rows need 'hops')")
 parser.add_argument("--retriever", default="bm25", help="simple | bm25 | dense | hybrid")
+parser.add_argument("--embedding-model", default=None, help="dense/hybrid: must be the model the KB was built with (checked)")
 parser.add_argument("--top-k", type=int, default=3, help="documents per retrieval (the 'qa' task; world levels fix their own)")
 parser.add_argument("--stream-examples", type=int, default=200_000, help="examples per knowledge-world training stream")
 parser.add_argument("--seed", type=int, default=0, help="seed of the training streams")

@@ -46,3 +46,19 @@ def run_module(module, *args, base_dir, timeout=600, extra_env=None, torchrun_pr
     else:
         cmd = [sys.executable, "-m", module, *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+TINY_MODEL = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "64",
+              "--device-batch-size", "4", "--eval-every", "0", "--eval-tokens", "1024", "--sample-every", "0"]
+
+
+@pytest.fixture(scope="session")
+def trained_base(tmp_path_factory, parquet_dir):
+    """A NANOCHAT_BASE_DIR with a tokenizer and a 20-step base model tagged 'tiny' (context 64)."""
+    d = tmp_path_factory.mktemp("nanochat_base")
+    for module, *args in (("scripts.tok_train", "--data", parquet_dir, "--vocab-size", "400", "--max-chars", "300000"),
+                          ("scripts.base_train", *TINY_MODEL, "--data", parquet_dir, "--num-iterations", "20",
+                           "--model-tag", "tiny")):
+        proc = run_module(module, *args, base_dir=d)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return d

@@ -6,10 +6,7 @@ import re
 import pytest
 import torch
 
-from tests.conftest import run_module
-
-TINY = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "64",
-        "--device-batch-size", "4", "--eval-every", "0", "--eval-tokens", "1024", "--sample-every", "0"]
+from tests.conftest import run_module, TINY_MODEL as TINY
 
 
 def step_losses(output):
@@ -22,10 +19,8 @@ def check(proc):
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory, parquet_dir):
-    d = tmp_path_factory.mktemp("nanochat")
-    check(run_module("scripts.tok_train", "--data", parquet_dir, "--vocab-size", "400", "--max-chars", "300000", base_dir=d))
-    return d
+def base_dir(trained_base):
+    return trained_base
 
 
 def test_pretrain_loss_falls_and_checkpoint_is_tensors_only(base_dir, parquet_dir):
@@ -55,10 +50,8 @@ def test_torchrun_two_cpu_processes(base_dir, parquet_dir):
     assert os.path.exists(os.path.join(base_dir, "base_checkpoints", "ddp", "optim_000020_rank1.pt"))
 
 
-def test_chat_cli_prompt_on_base_model(base_dir, parquet_dir):
-    check(run_module("scripts.base_train", *TINY, "--data", parquet_dir, "--num-iterations", "5", "--model-tag", "cli",
-                     base_dir=base_dir))
-    out = check(run_module("scripts.chat_cli", "--source", "base", "--model-tag", "cli", "-p", "the cat",
+def test_chat_cli_prompt_on_base_model(base_dir):
+    out = check(run_module("scripts.chat_cli", "--source", "base", "--model-tag", "tiny", "-p", "the cat",
                            "--max-tokens", "8", base_dir=base_dir))
     assert out.strip()
 
@@ -88,9 +81,7 @@ def test_bad_input_errors(base_dir, parquet_dir, tmp_path):
     # a truncated checkpoint file
     ckpt = os.path.join(base_dir, "base_checkpoints", "broken")
     os.makedirs(ckpt, exist_ok=True)
-    src = os.path.join(base_dir, "base_checkpoints", "cli")
-    if not os.path.isdir(src):
-        pytest.skip("needs the chat_cli test's checkpoint")
+    src = os.path.join(base_dir, "base_checkpoints", "tiny")
     for f in os.listdir(src):
         data = open(os.path.join(src, f), "rb").read()
         open(os.path.join(ckpt, f), "wb").write(data[: len(data) // 2] if f.startswith("model_") else data)

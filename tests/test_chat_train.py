@@ -1,0 +1,160 @@
+"""SFT, RL and eval on a tiny model: packing, the RL loss's masking, 2-process SFT, 2 RL steps,
+chat_eval's EM against a hand-computed value, and one-line errors."""
+import json
+import os
+
+import pytest
+import torch
+
+from tests.conftest import run_module
+from nanochat.sft_data import packed_batches
+from nanochat.rollout import rl_batch, policy_gradient_loss, rollout
+from nanochat.retrieval import Document, make_retriever
+from tests.test_engine import scripted_engine, run_scripted
+
+
+def check(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def one_line_error(proc, *needles):
+    assert proc.returncode != 0
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr
+
+
+class ListTask:
+    def __init__(self, examples):
+        self.examples = examples
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        return self.examples[i]
+
+
+def test_packing_keeps_conversations_whole(tokenizer):
+    convs = [{"messages": [{"role": "user", "content": "the cat " * n}, {"role": "assistant", "content": "sat " * n}]}
+             for n in (1, 3, 5, 2, 8, 4)]
+    x, y, seq = next(packed_batches(ListTask(convs), tokenizer, 4, 48))
+    bos = tokenizer.get_bos_token_id()
+    for row_x, row_y, row_seq in zip(x.tolist(), y.tolist(), seq.tolist()):
+        assert row_x[0] == bos   # every row starts at a conversation
+        # each conversation (a run of one seq id) starts with BOS, and targets are -1 where the mask is 0
+        starts = [t for t in range(len(row_seq)) if t == 0 or row_seq[t] != row_seq[t - 1]]
+        assert all(row_x[t] == bos for t in starts)
+    supervised = tokenizer.decode([t for t in y.view(-1).tolist() if t >= 0])
+    assert "the cat" not in supervised and "sat" in supervised
+
+
+def test_rl_loss_ignores_injected_tokens(tokenizer):
+    S = tokenizer.special
+    retriever = make_retriever("simple", [Document("d1", "King", "The old king was born in the river city."),
+                                          Document("d2", "Cat", "The cat sat on the mat.")])
+    script = ([S["<|search_start|>"]] + tokenizer.encode("king") + [S["<|search_end|>"]]
+              + tokenizer.encode("the city") + [S["<|assistant_end|>"]])
+    model, engine = scripted_engine(tokenizer, script, retriever)
+    prompt = tokenizer.encode("q", prepend="<|bos|>")
+    rows = run_scripted(model, engine, prompt, num_samples=2, max_tokens=30, temperature=0.0, keep_stop=True)
+    samples = [{"row": r} for r in rows]
+    x, y = rl_batch(samples, S["<|assistant_end|>"], "cpu")
+    logits = torch.randn(x.shape[0], x.shape[1], tokenizer.get_vocab_size(), requires_grad=True)
+    loss = policy_gradient_loss(logits, y, torch.tensor([1.0, -0.5]))
+    loss.backward()
+    row = rows[0]
+    for t in range(len(row.tokens) - 1):
+        # logits at position t predict token t+1: zero gradient unless the policy sampled token t+1
+        grad_norm = logits.grad[0, t].abs().sum().item()
+        if row.mask[t + 1] == 0:
+            assert grad_norm == 0.0, t
+        else:
+            assert grad_norm > 0.0, t
+    n_injected = row.mask.count(0) - len(prompt)
+    assert n_injected > 5   # the documents really were there
+
+
+@pytest.fixture(scope="module")
+def kb_and_qa(tmp_path_factory):
+    d = tmp_path_factory.mktemp("kbqa")
+    docs = [{"id": f"d{i}", "title": t, "text": txt} for i, (t, txt) in enumerate([
+        ("Cat", "The cat sat on the red mat."), ("King", "The old king was born in the river city."),
+        ("Dog", "The dog ran under the blue house."), ("Queen", "The queen wrote in the green city.")])]
+    with open(d / "docs.jsonl", "w") as f:
+        for doc in docs:
+            f.write(json.dumps(doc) + "\n")
+    check(run_module("kb_tools.build_kb", "--input", str(d / "docs.jsonl"), "--out", str(d / "kb"),
+                     "--retrievers", "simple,bm25", base_dir=d))
+    return d
+
+
+def test_chat_eval_em_matches_hand_count(trained_base, kb_and_qa, tmp_path, monkeypatch):
+    """Find what the model answers (greedy, same prompt as chat_eval), then write gold answers
+    so that exactly 3 of 5 questions are right: chat_eval must report EM 0.6."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(trained_base))
+    from nanochat.checkpoint_manager import load_model
+    from nanochat.retrieval import RetrievalManager
+    from tasks.rag import RAGTask
+    from nanochat.rag import normalize_answer
+    model, tokenizer, _ = load_model("base", "cpu", model_tag="tiny")
+    questions = ["Where was the king born?", "What did the cat sit on?", "Who wrote?", "Where did the dog run?", "Who sat?"]
+    kb = RetrievalManager(str(kb_and_qa / "kb"), retriever="bm25")
+    rows = [{"question": q, "answers": ["placeholder"]} for q in questions]
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from tasks.jsonl_qa import JsonlQA
+    task = RAGTask(JsonlQA(str(qa)), kb, 3)
+    predictions = []
+    for i in range(5):
+        _, (s,) = rollout(model, tokenizer, task, task[i], max_tokens=12)
+        predictions.append(s["answer"])
+    assert all(normalize_answer(p) for p in predictions), predictions
+    for i, r in enumerate(rows):
+        r["answers"] = [predictions[i]] if i < 3 else ["definitely not this"]
+    qa.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out_json = tmp_path / "metrics.json"
+    check(run_module("scripts.chat_eval", "--source", "base", "--model-tag", "tiny", "--qa", str(qa), "--kb",
+                     str(kb_and_qa / "kb"), "--max-new-tokens", "12", "--json-out", str(out_json), base_dir=trained_base))
+    metrics = json.loads(out_json.read_text())["metrics"]
+    assert metrics["em"] == pytest.approx(0.6)
+    assert metrics["n"] == 5
+
+
+def test_sft_torchrun_two_processes_then_rl_two_steps(trained_base):
+    sft = check(run_module("scripts.chat_sft", "--model-tag", "tiny", "--num-iterations", "3", "--device-batch-size", "2",
+                           "--eval-every", "0", "--eval-examples", "2", "--mixture", "world1,world3",
+                           base_dir=trained_base, torchrun_procs=2))
+    assert "step     3/3" in sft
+    ckpt = os.path.join(trained_base, "chatsft_checkpoints", "tiny")
+    records = [json.loads(l) for l in open(os.path.join(ckpt, "metrics.jsonl"))]
+    assert records[-1]["step"] == 3 and "world3/em" in records[-1]
+    torch.load(os.path.join(ckpt, "model_000003.pt"), weights_only=True)
+    rl = check(run_module("scripts.chat_rl", "--model-tag", "tiny", "--num-iterations", "2", "--prompts-per-step", "2",
+                          "--num-samples", "3", "--max-new-tokens", "8", "--eval-every", "0", "--eval-examples", "2",
+                          base_dir=trained_base))
+    for key in ("reward", "EM", "searches/q", "valid searches", "gold recall", "len"):
+        assert key in rl
+    assert os.path.exists(os.path.join(trained_base, "chatrl_checkpoints", "tiny", "model_000002.pt"))
+
+
+def test_bad_input(trained_base, kb_and_qa, tmp_path):
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"question": "Where?", "answers": ["x"]}) + "\n")
+    p = run_module("scripts.chat_eval", "--source", "base", "--model-tag", "tiny", "--qa", str(qa), "--kb",
+                   str(tmp_path / "no_kb"), base_dir=trained_base)
+    one_line_error(p, "no_kb")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    p = run_module("scripts.chat_eval", "--source", "base", "--model-tag", "tiny", "--qa", str(empty), "--kb",
+                   str(kb_and_qa / "kb"), base_dir=trained_base)
+    one_line_error(p, "no questions")
+    p = run_module("scripts.chat_sft", "--model-tag", "tiny", "--block-pattern", "MMTT", base_dir=trained_base)
+    one_line_error(p, "block pattern")
+    p = run_module("scripts.chat_eval", "--source", "base", "--model-tag", "tiny", "--qa", str(qa), "--kb",
+                   str(kb_and_qa / "kb"), "--retriever", "dense", base_dir=trained_base)
+    one_line_error(p, "dense")
+    p = run_module("scripts.chat_sft", "--model-tag", "tiny", "--mixture", "world9", base_dir=trained_base)
+    one_line_error(p, "world9")
