@@ -26,9 +26,13 @@ import random
 import asyncio
 import argparse
 import threading
+from importlib import resources
 from contextlib import asynccontextmanager
 
 import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from nanochat.common import compute_init, die
 from nanochat.checkpoint_manager import load_model, find_model_tag
@@ -76,6 +80,15 @@ if args.retrieval == "always" and args.kb is None:
 # -----------------------------------------------------------------------------
 # Models (one replica per worker) and the knowledge base (one, shared: searches only read it)
 
+# the KB first: it loads faster than the models, so a wrong path fails fast
+retriever = None
+if args.kb:
+    from nanochat.retrieval import RetrievalManager
+    try:
+        retriever = RetrievalManager(args.kb, retriever=args.retriever)
+    except (FileNotFoundError, ValueError) as e:
+        die(str(e))
+
 _, _, _, _, device = compute_init(args.device_type)
 if device.type == "cuda":
     devices = [torch.device("cuda", i % torch.cuda.device_count()) for i in range(args.num_workers)]
@@ -110,14 +123,6 @@ if max_tokens_limit < 1:
 if args.max_tokens > max_tokens_limit:
     die(f"--max-tokens {args.max_tokens} leaves no room for the prompt: this model allows at most {max_tokens_limit}")
 
-retriever = None
-if args.kb:
-    from nanochat.retrieval import RetrievalManager
-    try:
-        retriever = RetrievalManager(args.kb, retriever=args.retriever)
-    except (FileNotFoundError, ValueError) as e:
-        die(str(e))
-
 info = {
     "model": {"source": args.source, "model_tag": model_tag,
               "step": meta.get("step"), "block_pattern": model_config["block_pattern"], "n_layer": model_config["n_layer"],
@@ -131,8 +136,7 @@ info = {
                "top_k": MAX_TOP_K, "top_k_sampling": MAX_TOP_K_SAMPLING, "max_tokens": max_tokens_limit,
                "temperature": MAX_TEMPERATURE, "body_bytes": MAX_BODY_BYTES},
 }
-with open(os.path.join(os.path.dirname(os.path.abspath(__import__("nanochat").__file__)), "ui.html"), encoding="utf-8") as f:
-    UI_HTML = f.read()
+UI_HTML = resources.files("nanochat").joinpath("ui.html").read_text(encoding="utf-8")   # package data, also when installed
 
 # -----------------------------------------------------------------------------
 # Request checking: plain code, so every refusal says exactly what was wrong
@@ -243,9 +247,6 @@ async def lifespan(app):
     yield
 
 
-from fastapi import FastAPI, Request  # noqa: E402  (after argparse and model loading so errors come fast)
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse  # noqa: E402
-
 app = FastAPI(title="nanochat-rag", lifespan=lifespan)
 
 
@@ -267,6 +268,10 @@ async def get_stats():
                           "tokens": w.tokens} for w in workers])
 
 
+def not_json(name):
+    raise ValueError(f"{name} is not JSON")   # Python's json would otherwise accept NaN and Infinity
+
+
 def refuse(message, status=400):
     stats["rejected"] += 1
     return JSONResponse({"error": message}, status_code=status)
@@ -280,9 +285,11 @@ async def chat_completions(request: Request):
     if len(raw) > MAX_BODY_BYTES:
         return refuse(f"request body is too large (at most {MAX_BODY_BYTES} bytes)", 413)
     try:
-        req = check_request(json.loads(raw))
+        body = json.loads(raw, parse_constant=not_json)
     except (ValueError, UnicodeDecodeError):
         return refuse("the request body is not valid JSON")
+    try:
+        req = check_request(body)
     except BadRequest as e:
         return refuse(e.message, e.status)
     stats["requests"] += 1
@@ -312,5 +319,4 @@ async def chat_completions(request: Request):
 
 
 if __name__ == "__main__":
-    import uvicorn
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -22,6 +22,7 @@ DOCS = [
      "text": "This document holds <script>alert(1)</script> and <img src=x onerror=alert(2)> as plain text."},
     {"id": "mat", "title": "The cat on the mat", "text": "The red cat sat on the mat under the green house."},
     {"id": "king", "title": "The blue king", "text": "The blue king lived in a house over the river and built a company."},
+    {"id": "ansi", "title": "Terminal escape test", "text": "Red \x1b[31mALERT\x1b[0m text, a bell\x07 and a title \x1b]0;pwned\x07 grab."},
 ]
 
 
@@ -151,6 +152,7 @@ def test_info_health_and_page(server):
 
 BAD_REQUESTS = [
     ("not json", 400, "not valid JSON"),
+    ('{"messages": [{"role": "user", "content": "hi"}], "max_tokens": Infinity}', 400, "not valid JSON"),
     ({"messages": []}, 400, "non-empty list"),
     (ask("x" * 8001), 413, "message 0 is too long: 8001 characters (at most 8000)"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}] * 250 + [{"role": "user", "content": "q"}]},
@@ -257,7 +259,7 @@ def test_browser(server, tmp_path):
             page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
             page.goto(server)
             page.wait_for_function("document.getElementById('info').textContent.includes('tiny')")
-            assert "5 docs, bm25" in page.text_content("#info")
+            assert f"{len(DOCS)} docs, bm25" in page.text_content("#info")
             page.select_option("#retrieval", "always")
             page.fill("#top-k", "2")
 

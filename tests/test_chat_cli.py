@@ -1,0 +1,100 @@
+"""chat_cli on the tiny model + KB of test_chat_web: one-shot -p with sources, --retrieval off,
+interactive through stdin and through a pseudo-terminal (with Ctrl-C stopping an answer), errors."""
+import os
+import pty
+import sys
+import time
+import select
+import signal
+import subprocess
+
+import pytest
+
+from tests.conftest import REPO, run_module
+from tests.test_chat_web import make_tiny_chat
+
+
+@pytest.fixture(scope="module")
+def chat_dirs(tmp_path_factory, tokenizer):
+    return make_tiny_chat(str(tmp_path_factory.mktemp("chat_cli")), tokenizer)
+
+
+def cli(chat_dirs, *args, stdin=None):
+    base, kb = chat_dirs
+    env = dict(os.environ, NANOCHAT_BASE_DIR=base, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "scripts.chat_cli", "--kb", kb, "--device-type", "cpu", *args],
+                          cwd=REPO, env=env, input=stdin, capture_output=True, text=True, timeout=120)
+
+
+def test_one_shot_prints_answer_and_sources(chat_dirs):
+    p = cli(chat_dirs, "--retrieval", "always", "--top-k", "2", "--max-tokens", "12", "-p", "Where was Kela Varo born?")
+    assert p.returncode == 0, p.stderr
+    answer, sources, *docs = p.stdout.rstrip("\n").split("\n")
+    assert answer.strip() and sources == "Sources:"
+    assert docs == ["  [1] Kela Varo (kela#0): Kela Varo was born in Osk, the old river city. "
+                    "She wrote three books about the blue king."]
+
+
+def test_retrieval_off_shows_no_sources(chat_dirs):
+    p = cli(chat_dirs, "--retrieval", "off", "--max-tokens", "12", "-p", "Where was Kela Varo born?")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() and "Sources" not in p.stdout and "Kela Varo" not in p.stdout
+
+
+def test_interactive_through_stdin(chat_dirs):
+    # the escape-sequence document: its text reaches the terminal without control characters
+    p = cli(chat_dirs, "--retrieval", "always", "--max-tokens", "8",
+            stdin="Where was Kela Varo born?\nterminal escape test\n\nclear\nOsk\nquit\n")
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert out.startswith("nanochat-rag | sft model TT step 0 | retrieval always over ")
+    assert out.count("Assistant: ") == 3 and out.count("Sources:") == 3 and "(new conversation)" in out
+    assert "[1] Kela Varo (kela#0)" in out and "[1] Osk (osk#0)" in out
+    assert "[1] Terminal escape test (ansi#0): Red [31mALERT[0m text, a bell and a title ]0;pwned grab." in out
+    assert "\x1b" not in out and "\x07" not in out
+
+
+def read_until(fd, needle, timeout=60):
+    """Read a pty until `needle` shows up; returns everything read."""
+    out, deadline = b"", time.time() + timeout
+    while needle.encode() not in out:
+        assert time.time() < deadline, f"never saw {needle!r} in {out.decode(errors='replace')[-2000:]!r}"
+        if select.select([fd], [], [], 0.2)[0]:
+            try:
+                out += os.read(fd, 4096)
+            except OSError:   # the child closed the terminal
+                break
+    return out.decode(errors="replace")
+
+
+def test_interactive_in_a_terminal_with_ctrl_c(chat_dirs):
+    base, kb = chat_dirs
+    env = dict(os.environ, NANOCHAT_BASE_DIR=base, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TERM="dumb")
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_cli", "--kb", kb, "--device-type", "cpu",
+                             "--max-tokens", "200"],
+                            cwd=REPO, env=env, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
+    try:
+        read_until(master, "User: ")
+        os.write(master, b"Tell me about the blue king\n")
+        read_until(master, "Assistant:  ")   # the first streamed word ("Assistant: " + " word...")
+        # Ctrl-C as the terminal sends it: SIGINT to the foreground process group
+        os.killpg(proc.pid, signal.SIGINT)
+        out = read_until(master, "User: ")
+        assert "[stopped]" in out
+        os.write(master, b"quit\n")
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+
+
+def test_errors_are_one_line(chat_dirs, tmp_path):
+    base, _ = chat_dirs
+    p = run_module("scripts.chat_cli", "--retrieval", "always", "-p", "hi", base_dir=base)
+    assert p.returncode == 2 and p.stderr.strip() == "error: --retrieval always needs --kb"
+    p = run_module("scripts.chat_cli", "--kb", str(tmp_path / "nope"), "-p", "hi", base_dir=base)
+    assert p.returncode == 2 and p.stderr.startswith("error:") and "knowledge base directory not found" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
