@@ -32,14 +32,14 @@ parser.add_argument("--retrieval", default="auto", choices=RETRIEVAL_MODES,
 parser.add_argument("-p", "--prompt", default=None, help="ask one question, print the answer and its sources, exit")
 parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
 parser.add_argument("--top-k-sampling", type=int, default=50, help="sample among the k most likely tokens")
-parser.add_argument("--max-tokens", type=int, default=256, help="most tokens per answer")
+parser.add_argument("--max-tokens", type=int, default=None, help="most tokens per answer (default: 256, or less if the model is short)")
 parser.add_argument("--seed", type=int, default=42, help="sampling seed (each turn adds its index)")
 parser.add_argument("--device-type", default="", help="cuda | mps | cpu (default: autodetect)")
 args = parser.parse_args()
 # check the flags before loading anything: a typo should not cost a model load
 if args.top_k <= 0:
     die(f"--top-k must be positive, got {args.top_k}")
-if args.max_tokens <= 0:
+if args.max_tokens is not None and args.max_tokens <= 0:
     die(f"--max-tokens must be positive, got {args.max_tokens}")
 if args.temperature < 0:
     die(f"--temperature must be >= 0, got {args.temperature}")
@@ -61,8 +61,11 @@ try:
     model, tokenizer, meta = load_model(args.source, device, model_tag=args.model_tag, step=args.step)
 except (FileNotFoundError, ValueError) as e:
     die(str(e))
-if args.max_tokens > model.config.sequence_len - 32:   # chat.respond gives the prompt sequence_len - max_tokens
-    die(f"--max-tokens {args.max_tokens} leaves no room for the prompt: this model allows at most {model.config.sequence_len - 32}")
+max_tokens_limit = model.config.sequence_len - 32   # chat.respond gives the prompt sequence_len - max_tokens
+if args.max_tokens is None:
+    args.max_tokens = max(1, min(256, max_tokens_limit))
+if args.max_tokens > max_tokens_limit:
+    die(f"--max-tokens {args.max_tokens} leaves no room for the prompt: this model allows at most {max_tokens_limit}")
 
 # Model output and KB text are untrusted: a document holding "\x1b]..." could rewrite the terminal.
 # Keep newlines and tabs, drop every other control character (the terminal's version of escaping).

@@ -59,7 +59,7 @@ parser.add_argument("--retrieval", default="auto", choices=RETRIEVAL_MODES, help
 parser.add_argument("--max-searches", type=int, default=4, help="most searches the model may make per answer (mode auto)")
 parser.add_argument("--temperature", type=float, default=0.6, help="default sampling temperature")
 parser.add_argument("--top-k-sampling", type=int, default=50, help="default: sample among the k most likely tokens")
-parser.add_argument("--max-tokens", type=int, default=256, help="default most tokens per answer")
+parser.add_argument("--max-tokens", type=int, default=None, help="default most tokens per answer (default: 256, or less if the model is short)")
 parser.add_argument("--num-workers", type=int, default=1,
                     help="model replicas serving requests in parallel; on CUDA worker i uses GPU i (mod the GPU count)")
 parser.add_argument("--device-type", default="", help="cuda | mps | cpu (default: autodetect)")
@@ -72,7 +72,7 @@ if not 1 <= args.top_k <= MAX_TOP_K:
     die(f"--top-k must be in 1..{MAX_TOP_K}, got {args.top_k}")
 if not 0 <= args.temperature <= MAX_TEMPERATURE:
     die(f"--temperature must be in 0..{MAX_TEMPERATURE}, got {args.temperature}")
-if not 1 <= args.max_tokens <= MAX_MAX_TOKENS:
+if args.max_tokens is not None and not 1 <= args.max_tokens <= MAX_MAX_TOKENS:
     die(f"--max-tokens must be in 1..{MAX_MAX_TOKENS}, got {args.max_tokens}")
 if args.retrieval == "always" and args.kb is None:
     die("--retrieval always needs --kb")
@@ -120,6 +120,8 @@ model_config = meta["model_config"]
 max_tokens_limit = min(MAX_MAX_TOKENS, model_config["sequence_len"] - 32)
 if max_tokens_limit < 1:
     die(f"the model's sequence length {model_config['sequence_len']} is too short to chat with")
+if args.max_tokens is None:
+    args.max_tokens = min(256, max_tokens_limit)
 if args.max_tokens > max_tokens_limit:
     die(f"--max-tokens {args.max_tokens} leaves no room for the prompt: this model allows at most {max_tokens_limit}")
 
@@ -281,9 +283,11 @@ def refuse(message, status=400):
 async def chat_completions(request: Request):
     if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
         return refuse(f"request body is too large (at most {MAX_BODY_BYTES} bytes)", 413)
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
-        return refuse(f"request body is too large (at most {MAX_BODY_BYTES} bytes)", 413)
+    raw = b""
+    async for chunk in request.stream():   # a chunked body has no content-length: stop reading at the cap
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            return refuse(f"request body is too large (at most {MAX_BODY_BYTES} bytes)", 413)
     try:
         body = json.loads(raw, parse_constant=not_json)
     except (ValueError, UnicodeDecodeError):

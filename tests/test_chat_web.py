@@ -184,6 +184,8 @@ def test_limits_give_clear_4xx(server):
         assert message in r.json()["error"], (message, r.json())
     r = httpx.post(server + "/chat/completions", content=b"x" * 1_000_001)
     assert r.status_code == 413 and "too large" in r.json()["error"]
+    r = httpx.post(server + "/chat/completions", content=(b"x" * 100_000 for _ in range(11)))   # chunked, no length
+    assert r.status_code == 413 and "too large" in r.json()["error"]
 
 
 def test_concurrent_streams_hangup_and_recovery(server):
