@@ -119,7 +119,7 @@ def test_hybrid_over_simple_and_make_retriever_options():
 @pytest.mark.parametrize("index", ["hnsw", "ivf"])
 def test_approximate_indexes(retrievers, index):
     _, dense, _ = retrievers
-    approx = make_retriever("dense", DOCS, index=index, nprobe=1, ef_search=16)
+    approx = make_retriever("dense", DOCS, index=index, nprobe=1, ef_search=16, embeddings=dense.embeddings)
     for q in ["morning drink", "disk is full", "capital of Germany"]:
         assert ids(approx.search(q, 1)) == ids(dense.search(q, 1))
     with pytest.raises(ValueError, match="unknown dense index"):

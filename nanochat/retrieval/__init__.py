@@ -17,7 +17,7 @@ from nanochat.retrieval.base import Retriever
 RETRIEVERS = ("simple", "bm25", "dense", "hybrid")
 # options each retriever accepts; anything else is a user error, not a silent no-op
 LEXICAL_OPTIONS = {"simple": ("k1", "b"), "bm25": ("method", "k1", "b", "idf_method")}
-DENSE_OPTIONS = ("model", "index", "batch_size", "device", "ef_search", "nprobe", "show_progress")
+DENSE_OPTIONS = ("model", "index", "batch_size", "device", "ef_search", "nprobe", "show_progress", "embeddings")
 FUSION_OPTIONS = ("fusion", "alpha", "candidates", "rerank", "rerank_depth")
 
 
