@@ -42,7 +42,7 @@ def respond(model, tokenizer, messages, mode="auto", retriever=None, top_k=3, te
         yield {"type": "documents", "query": messages[-1]["content"], "documents": list(all_docs)}
     engine = Engine(model, tokenizer, retriever=retriever if mode == "auto" else None,
                     search_top_k=top_k, max_searches=max_searches)
-    prompt = tokenizer.render_for_completion(conversation, max_tokens=model.config.sequence_len - max_tokens)
+    prompt = fit_prompt(tokenizer, conversation, model.config.sequence_len - max_tokens)
     emitted, seen_parts = "", 0
     row = None
     for _, _, rows in engine.generate(prompt, 1, max_tokens=max_tokens, temperature=temperature,
@@ -69,6 +69,23 @@ def respond(model, tokenizer, messages, mode="auto", retriever=None, top_k=3, te
         yield {"type": "token", "text": answer[len(emitted):]}
     cited = sorted({int(n) for n in CITATION.findall(answer) if 1 <= int(n) <= len(all_docs)})
     yield {"type": "done", "answer": answer, "parts": parts, "documents": all_docs, "citations": cited}
+
+
+def fit_prompt(tokenizer, conversation, budget):
+    """The prompt for the next answer within `budget` tokens: the oldest turns go first, so the
+    latest question always stays (documents before it shrink before it is ever cut)."""
+    messages = conversation["messages"]
+    while True:
+        prompt = tokenizer.render_for_completion({"messages": messages}, max_tokens=10 ** 9)
+        first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
+        later_users = [i for i, m in enumerate(messages) if m["role"] == "user" and i > first_user]
+        if len(prompt) <= budget or not later_users:
+            return tokenizer.render_for_completion({"messages": messages}, max_tokens=budget)
+        # drop everything before the second user turn (and its retrieval message, if any)
+        cut = later_users[0]
+        if messages[cut - 1]["role"] == "retrieval":
+            cut -= 1
+        messages = messages[cut:]
 
 
 def _answer_text(parts):

@@ -147,3 +147,17 @@ def test_render_for_completion(tokenizer):
     assert ids[-1] == tokenizer.special["<|assistant_start|>"]
     text = tokenizer.decode(ids)
     assert "The cat sat." in text and "The cat.<|assistant_end|>" not in text
+
+
+def test_long_chat_keeps_the_latest_question(tokenizer):
+    from nanochat.chat import fit_prompt
+    messages = []
+    for k in range(20):
+        messages += [{"role": "user", "content": f"old question {k} " + "the cat sat " * 5},
+                     {"role": "assistant", "content": "the dog ran " * 5}]
+    messages.append({"role": "user", "content": "Where was the king born?"})
+    prompt = fit_prompt(tokenizer, {"messages": messages}, 64)
+    text = tokenizer.decode(prompt)
+    assert len(prompt) <= 64
+    assert text.startswith("<|bos|>") and text.endswith("Where was the king born?<|user_end|><|assistant_start|>")
+    assert "old question 0" not in text
