@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from nanochat.retrieval import Document, RetrievalManager, load_kb, make_retriever
+from nanochat.retrieval import RetrievalManager, load_kb, make_retriever
 from nanochat.retrieval import dense
 from nanochat.retrieval.kb import build_kb, FORMAT_VERSION
 from nanochat.retrieval.evaluate import read_queries

@@ -23,8 +23,7 @@ import hashlib
 
 import numpy as np
 
-from nanochat.retrieval import (RETRIEVERS, LEXICAL_OPTIONS, DENSE_OPTIONS, FUSION_OPTIONS,
-                                check_options, check_retriever_name, make_retriever)
+from nanochat.retrieval import FUSION_OPTIONS, check_options, check_retriever_name, make_retriever
 from nanochat.retrieval.documents import Document, chunk_document, content_key, index_text, read_documents, TOKENIZER_VERSION
 
 FORMAT_VERSION = 1
@@ -312,9 +311,10 @@ class RetrievalManager:
         if kb.manifest.get("tokenizer") != TOKENIZER_VERSION and any(r in ("simple", "bm25") for r in needed):
             raise ValueError(f"{kb_dir}/manifest.json: built with tokenizer {kb.manifest.get('tokenizer')!r}, "
                              f"this code uses {TOKENIZER_VERSION!r}; rebuild the KB")
-        self.retriever = self._open(retriever if retriever != "hybrid" else None, lexical, options)
+        self._by_id = None  # id -> document or chunk, built on the first get()
+        self.retriever = self._open(retriever, options, lexical)
 
-    def _open(self, name, lexical, options):
+    def _open(self, name, options, lexical=None):
         kb, m = self.kb, self.kb.manifest
         mmap = options.pop("mmap", False)
         if name == "simple":
@@ -335,8 +335,7 @@ class RetrievalManager:
             return r
         from nanochat.retrieval.hybrid import HybridRetriever
         fusion = {k: options.pop(k) for k in FUSION_OPTIONS if k in options}
-        return HybridRetriever(self._open(lexical, None, {"mmap": mmap}), self._open("dense", None, dict(options, mmap=mmap)),
-                               **fusion)
+        return HybridRetriever(self._open(lexical, {"mmap": mmap}), self._open("dense", dict(options, mmap=mmap)), **fusion)
 
     @property
     def documents(self):
@@ -348,7 +347,7 @@ class RetrievalManager:
 
     def get(self, doc_id):
         """A document by id (a chunk id like 'doc#3' also works)."""
-        if not hasattr(self, "_by_id"):
+        if self._by_id is None:
             self._by_id = {c.id: c for c in self.kb.chunks}
             self._by_id.update({d.id: d for d in self.kb.documents})
         if doc_id not in self._by_id:
