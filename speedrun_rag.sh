@@ -1,23 +1,285 @@
 #!/usr/bin/env bash
-# The whole pipeline in one command. On a CPU it uses the embedded offline default
-# (a generated knowledge world) and a tiny model.
-#   bash speedrun_rag.sh
+# The whole pipeline in one command:
+#   tokenizer -> base pretraining -> SFT (RAG + multi-hop search) -> RL (the model searches)
+#   -> held-out knowledge base + evaluation -> report.md with plots -> how to chat with the model
+#
+#   bash speedrun_rag.sh                         # CPU: embedded offline knowledge world, tiny model (<= 45 min on 2 cores)
+#   bash speedrun_rag.sh --smoke                 # the same pipeline with toy settings, in a couple of minutes
+#   BLOCK_PATTERN=TMTM bash speedrun_rag.sh      # hybrid Transformer/Mamba (one letter per layer: T or M)
+#   bash speedrun_rag.sh --gpu                   # nanochat-d20-class run over FineWeb-Edu on all GPUs (auto-detected)
+#
+# Everything a run makes lives in its run directory, runs/<mode>_<model tag> by default (--run-dir
+# to change). The run directory is the NANOCHAT_BASE_DIR of every stage, so runs never share a
+# tokenizer or checkpoints; downloads (FineWeb-Edu shards, Hugging Face datasets) are shared
+# through the cache at $NANOCHAT_BASE_DIR (default ~/.cache/nanochat).
+#
+# Each stage logs to <run dir>/logs/<stage>.log and leaves <stage>.done (its command and seconds)
+# when it succeeds. Rerunning skips a stage whose marker holds the same command, so a killed run
+# resumes after the last finished stage; once one stage runs, every stage after it runs too (they
+# consume its output). --fresh deletes the run directory and starts over.
 set -euo pipefail
 cd "$(dirname "$0")"
-export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 
-# --- environment -------------------------------------------------------------------------
-if [ ! -x .venv/bin/python ]; then
-    python3 -m venv .venv
-    .venv/bin/pip install -q --upgrade pip
-    .venv/bin/pip install -q torch==2.13.0     # CPU wheel; on a GPU box install your CUDA torch first
+usage() {
+    sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+    echo
+    echo "flags: --smoke | --gpu | --cpu | --fresh | --block-pattern P | --run-dir DIR | -h"
+    echo "env:   BLOCK_PATTERN, RUN_DIR, NPROC (processes per training stage), NANOCHAT_BASE_DIR (download cache)"
+}
+
+MODE="" FRESH=0
+BLOCK_PATTERN="${BLOCK_PATTERN:-}"
+RUN_DIR="${RUN_DIR:-}"
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --smoke) MODE=smoke ;;
+        --gpu) MODE=gpu ;;
+        --cpu) MODE=cpu ;;
+        --fresh) FRESH=1 ;;
+        --block-pattern) BLOCK_PATTERN="${2:?--block-pattern needs a value}"; shift ;;
+        --block-pattern=*) BLOCK_PATTERN="${1#*=}" ;;
+        --run-dir) RUN_DIR="${2:?--run-dir needs a value}"; shift ;;
+        --run-dir=*) RUN_DIR="${1#*=}" ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "error: unknown argument '$1' (try --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+# GPU when one is visible (nvidia-smi lists it), unless --cpu or --smoke says otherwise
+NUM_GPUS=0
+if command -v nvidia-smi >/dev/null 2>&1; then
+    NUM_GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 fi
-.venv/bin/pip install -q -e .
-PY=.venv/bin/python
+if [ -z "$MODE" ]; then
+    if [ "$NUM_GPUS" -gt 0 ]; then MODE=gpu; else MODE=cpu; fi
+fi
 
-# --- tokenizer -> tiny pretraining -> a sample ----------------------------------------------
-$PY -m scripts.tok_train --vocab-size 2048 --max-chars 5000000
-$PY -m scripts.base_train --depth 4 --aspect-ratio 32 --head-dim 32 --max-seq-len 512 \
-    --device-batch-size 8 --num-iterations 300 --eval-every 100 --sample-every 0 --run dummy
-$PY -m scripts.chat_cli --source base -p "Zarak was born in" --max-tokens 32
+# =================================================================================================
+# The recipe. Every mode sets the same variables, and every stage passes all of them, so the CPU
+# run exercises each flag the GPU run uses; only the numbers differ.
+# =================================================================================================
+if [ "$MODE" = cpu ]; then
+    # embedded offline data (a generated knowledge world), a 4-layer width-128 model, both cores
+    DEPTH=4  ASPECT=32  HEAD_DIM=32  SEQ_LEN=512  VOCAB=2048  DATA=embedded  FINEWEB_SHARDS=0
+    TOK_CHARS=5000000
+    BASE_ITERS=500  BASE_BATCH=8  BASE_TOTAL_BATCH=-1  BASE_EVAL_EVERY=100  BASE_EVAL_TOKENS=65536  BASE_SAMPLE_EVERY=0
+    SFT_MIXTURE=world1:1,world2:3,world3:3,world4:1
+    SFT_ITERS=600  SFT_BATCH=8  SFT_EVAL_EVERY=100  SFT_EVAL_EXAMPLES=60
+    RL_CURRICULUM=world2,world3,world4
+    RL_ITERS=60  RL_PROMPTS=8  RL_SAMPLES=8  RL_MAX_NEW_TOKENS=48  RL_EVAL_EVERY=20  RL_EVAL_EXAMPLES=60
+    EVAL_EXAMPLES=200  EVAL_MAX_NEW_TOKENS=64
+    NPROC="${NPROC:-1}"
+elif [ "$MODE" = smoke ]; then
+    # toy sizes: checks that every stage runs and the report builds, in a couple of minutes
+    DEPTH=2  ASPECT=32  HEAD_DIM=32  SEQ_LEN=256  VOCAB=2048  DATA=embedded  FINEWEB_SHARDS=0
+    TOK_CHARS=300000
+    BASE_ITERS=20  BASE_BATCH=4  BASE_TOTAL_BATCH=-1  BASE_EVAL_EVERY=10  BASE_EVAL_TOKENS=2048  BASE_SAMPLE_EVERY=0
+    SFT_MIXTURE=world1:1,world2:3,world3:3,world4:1
+    SFT_ITERS=10  SFT_BATCH=4  SFT_EVAL_EVERY=5  SFT_EVAL_EXAMPLES=4
+    RL_CURRICULUM=world2,world3,world4
+    RL_ITERS=3  RL_PROMPTS=2  RL_SAMPLES=2  RL_MAX_NEW_TOKENS=16  RL_EVAL_EVERY=2  RL_EVAL_EXAMPLES=4
+    EVAL_EXAMPLES=4  EVAL_MAX_NEW_TOKENS=16
+    NPROC="${NPROC:-1}"
+elif [ "$MODE" = gpu ]; then
+    # nanochat d20 class (~560M parameters, Chinchilla-style 20 tokens per parameter = ~11B
+    # tokens of FineWeb-Edu), then SFT on the knowledge world + SmolTalk + HotpotQA, and RL.
+    # Expected (not run in this repo's CI): ~4-5 h on 8xH100, ~$100-130 at ~$24/h per node.
+    DEPTH=20  ASPECT=64  HEAD_DIM=128  SEQ_LEN=2048  VOCAB=65536  DATA=fineweb  FINEWEB_SHARDS=240
+    TOK_CHARS=2000000000
+    BASE_ITERS=21400  BASE_BATCH=32  BASE_TOTAL_BATCH=524288  BASE_EVAL_EVERY=250  BASE_EVAL_TOKENS=10485760  BASE_SAMPLE_EVERY=2000
+    SFT_MIXTURE=world2,world3,smoltalk,hotpotqa
+    SFT_ITERS=2000  SFT_BATCH=16  SFT_EVAL_EVERY=200  SFT_EVAL_EXAMPLES=200
+    RL_CURRICULUM=world2,world3,world4
+    RL_ITERS=300  RL_PROMPTS=16  RL_SAMPLES=16  RL_MAX_NEW_TOKENS=128  RL_EVAL_EVERY=50  RL_EVAL_EXAMPLES=200
+    EVAL_EXAMPLES=500  EVAL_MAX_NEW_TOKENS=128
+    NPROC="${NPROC:-$NUM_GPUS}"
+    if [ "$NPROC" -lt 1 ]; then echo "error: --gpu, but nvidia-smi lists no GPU" >&2; exit 1; fi
+else
+    echo "error: unknown mode '$MODE'" >&2; exit 2
+fi
+
+# the block pattern has one letter per layer, so when given it sets the depth
+BLOCK_PATTERN="$(echo "$BLOCK_PATTERN" | tr '[:lower:]' '[:upper:]')"
+if [ -n "$BLOCK_PATTERN" ]; then
+    if [[ ! "$BLOCK_PATTERN" =~ ^[TM]+$ ]]; then
+        echo "error: BLOCK_PATTERN must be letters T (attention) and M (Mamba), got '$BLOCK_PATTERN'" >&2; exit 2
+    fi
+    DEPTH=${#BLOCK_PATTERN}
+else
+    BLOCK_PATTERN=$(printf 'T%.0s' $(seq "$DEPTH"))
+fi
+# the checkpoint tag base_train uses; SFT, RL, eval and chat load exactly this model
+if [[ "$BLOCK_PATTERN" =~ ^T+$ ]]; then TAG="d$DEPTH"; else TAG="d${DEPTH}_$BLOCK_PATTERN"; fi
+
+# directories: the run's own, and the shared download cache
+CACHE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
+RUN_DIR="${RUN_DIR:-runs/${MODE}_$TAG}"
+if [ "$FRESH" = 1 ] && [ -d "$RUN_DIR" ]; then
+    # only delete what looks like a run directory of ours
+    if [ ! -f "$RUN_DIR/.speedrun" ]; then
+        echo "error: --fresh: $RUN_DIR exists but is not a speedrun directory (no .speedrun file); not deleting it" >&2; exit 1
+    fi
+    rm -rf "$RUN_DIR"
+fi
+mkdir -p "$RUN_DIR/logs"
+touch "$RUN_DIR/.speedrun"
+RUN_DIR="$(cd "$RUN_DIR" && pwd)"
+SHOW_DIR="${RUN_DIR#"$PWD"/}"   # as typed from the repo root, when it is inside it
+export NANOCHAT_BASE_DIR="$RUN_DIR"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}"
+export PYTHONUNBUFFERED=1
+echo "speedrun: mode $MODE, model $TAG (pattern $BLOCK_PATTERN), $NPROC process(es) x $OMP_NUM_THREADS thread(s), run dir $SHOW_DIR"
+
+# =================================================================================================
+# Environment: .venv with torch and this project. Nothing is installed when the imports work.
+# =================================================================================================
+PY=.venv/bin/python
+if [ ! -x "$PY" ]; then
+    python3 -m venv .venv
+    "$PY" -m pip install -q --upgrade pip
+fi
+if ! "$PY" -c "import torch" 2>/dev/null; then
+    # the CPU wheel here; on Linux x86_64 PyPI's torch is the CUDA build, so a GPU node gets that
+    "$PY" -m pip install -q torch==2.13.0
+fi
+if ! "$PY" -c "import nanochat, tasks, kb_tools, rustbpe, tiktoken, bm25s, matplotlib, fastapi, uvicorn" 2>/dev/null; then
+    "$PY" -m pip install -q -e .
+fi
+
+# =================================================================================================
+# The stage runner
+# =================================================================================================
+RERUN_REST=0   # set once a stage runs: every later stage reads its output, so it must run too
+
+# stage NAME OUTPUT COMMAND...: run COMMAND, its output to the terminal and logs/NAME.log.
+# OUTPUT (a path in the run dir) is deleted first so a stage never mixes with an older attempt
+# (e.g. chat_eval loads the highest checkpoint step it finds).
+stage() {
+    local name=$1 output=$2; shift 2
+    local log="$RUN_DIR/logs/$name.log" done="$RUN_DIR/logs/$name.done" cmd="$*"
+    if [ "$RERUN_REST" = 0 ] && [ -f "$done" ] && [ "$(head -n 1 "$done")" = "$cmd" ]; then
+        echo "== $name: done before in $(sed -n 2p "$done")s, skipping ($SHOW_DIR/logs/$name.done)"
+        return
+    fi
+    RERUN_REST=1
+    rm -f "$done"
+    rm -rf "${RUN_DIR:?}/$output"
+    echo "== $name: $cmd"
+    echo "== $name: log $SHOW_DIR/logs/$name.log"
+    local t0=$SECONDS status
+    set +e
+    ( set -e; "$@" ) 2>&1 | tee "$log"
+    status=${PIPESTATUS[0]}
+    set -e
+    if [ "$status" != 0 ]; then
+        echo "speedrun: stage '$name' FAILED (exit $status); its log: $SHOW_DIR/logs/$name.log" >&2
+        exit 1
+    fi
+    printf '%s\n%s\n' "$cmd" "$((SECONDS - t0))" > "$done"
+    echo "== $name: done in $((SECONDS - t0))s"
+}
+
+# training stages use every process (torchrun) when there are several
+launch() {
+    if [ "$NPROC" -gt 1 ]; then
+        "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" "$@"
+    else
+        "$PY" "$@"
+    fi
+}
+
+# FineWeb-Edu shards into the shared cache (GPU mode); the embedded data needs no download
+download() {
+    "$PY" -m nanochat.dataset -n "$1" --data-dir "$CACHE_DIR/base_data"
+    # SmolTalk / HotpotQA parquet files go to <base dir>/hf_datasets: share the cache's
+    mkdir -p "$CACHE_DIR/hf_datasets"
+    ln -sfn "$CACHE_DIR/hf_datasets" "$RUN_DIR/hf_datasets"
+}
+if [ "$DATA" = fineweb ]; then DATA="$CACHE_DIR/base_data"; fi   # base_train/tok_train read a parquet directory
+
+# The held-out knowledge world as files: its articles as a KB (bm25), its QA files, and retrieval
+# metrics of that KB for the questions (single-hop), the 2-hop questions asked as one search, and
+# each hop's own query (what a model that searches hop by hop would send).
+build_heldout_kb() {
+    local kb="$RUN_DIR/kb"
+    "$PY" -m tasks.knowledge_world --out "$kb/world" "$@"
+    "$PY" -m kb_tools.build_kb --input "$kb/world/heldout_kb.jsonl" --out "$kb/heldout" --retrievers bm25 --no-progress
+    "$PY" - "$kb" <<'EOF'
+import json, sys
+kb = sys.argv[1]
+def convert(src, dst, per_hop):
+    with open(f"{kb}/world/{src}") as f, open(f"{kb}/{dst}", "w") as out:
+        for row in map(json.loads, f):
+            pairs = zip(row["queries"], row["hops"]) if per_hop else [(row["question"], row["supporting_ids"])]
+            for query, relevant in pairs:
+                out.write(json.dumps({"query": query, "relevant": relevant if isinstance(relevant, list) else [relevant]}) + "\n")
+convert("heldout_qa_1hop.jsonl", "queries_1hop.jsonl", per_hop=False)
+convert("heldout_qa_2hop.jsonl", "queries_2hop_question.jsonl", per_hop=False)
+convert("heldout_qa_2hop.jsonl", "queries_2hop_per_hop.jsonl", per_hop=True)
+EOF
+    for q in 1hop 2hop_question 2hop_per_hop; do
+        "$PY" -m kb_tools.eval_retrieval --kb "$kb/heldout" --queries "$kb/queries_$q.jsonl" --retriever bm25 --json \
+            | tee "$kb/retrieval_$q.json"
+    done
+}
+
+# Held-out knowledge world, SFT and RL checkpoints: single-hop with the documents shown (world2)
+# and 2-hop where the model writes its own searches (world3), each with and without retrieval.
+evaluate() {
+    mkdir -p "$RUN_DIR/eval"
+    local source task
+    for source in sft rl; do
+        for task in world2 world3; do
+            "$PY" -m scripts.chat_eval --source $source --model-tag "$TAG" --block-pattern "$BLOCK_PATTERN" \
+                --task $task "$@" --json-out "$RUN_DIR/eval/${source}_${task}.json"
+            "$PY" -m scripts.chat_eval --source $source --model-tag "$TAG" --block-pattern "$BLOCK_PATTERN" \
+                --task $task "$@" --no-retrieval --json-out "$RUN_DIR/eval/${source}_${task}_noretrieval.json"
+        done
+    done
+}
+
+# =================================================================================================
+# The pipeline
+# =================================================================================================
+T_START=$SECONDS
+if [ "$FINEWEB_SHARDS" -gt 0 ]; then
+    stage data hf_datasets download "$FINEWEB_SHARDS"
+fi
+stage tokenizer tokenizer \
+    "$PY" -m scripts.tok_train --data "$DATA" --vocab-size "$VOCAB" --max-chars "$TOK_CHARS"
+stage base base_checkpoints \
+    launch -m scripts.base_train --depth "$DEPTH" --aspect-ratio "$ASPECT" --head-dim "$HEAD_DIM" \
+    --block-pattern "$BLOCK_PATTERN" --max-seq-len "$SEQ_LEN" --data "$DATA" --num-iterations "$BASE_ITERS" \
+    --device-batch-size "$BASE_BATCH" --total-batch-size "$BASE_TOTAL_BATCH" --eval-every "$BASE_EVAL_EVERY" \
+    --eval-tokens "$BASE_EVAL_TOKENS" --sample-every "$BASE_SAMPLE_EVERY" --model-tag "$TAG"
+stage sft chatsft_checkpoints \
+    launch -m scripts.chat_sft --model-tag "$TAG" --block-pattern "$BLOCK_PATTERN" --mixture "$SFT_MIXTURE" \
+    --num-iterations "$SFT_ITERS" --device-batch-size "$SFT_BATCH" --eval-every "$SFT_EVAL_EVERY" \
+    --eval-examples "$SFT_EVAL_EXAMPLES"
+stage rl chatrl_checkpoints \
+    launch -m scripts.chat_rl --model-tag "$TAG" --block-pattern "$BLOCK_PATTERN" --curriculum "$RL_CURRICULUM" \
+    --num-iterations "$RL_ITERS" --prompts-per-step "$RL_PROMPTS" --num-samples "$RL_SAMPLES" \
+    --max-new-tokens "$RL_MAX_NEW_TOKENS" --eval-every "$RL_EVAL_EVERY" --eval-examples "$RL_EVAL_EXAMPLES"
+stage kb kb \
+    build_heldout_kb
+stage eval eval \
+    evaluate --num-examples "$EVAL_EXAMPLES" --max-new-tokens "$EVAL_MAX_NEW_TOKENS"
+stage report report \
+    "$PY" -m scripts.report --run-dir "$RUN_DIR" --model-tag "$TAG" --mode "$MODE" --nproc "$NPROC"
+
+# =================================================================================================
+# Where things are, and how to talk to the model
+# =================================================================================================
+QUESTION=$(head -n 1 "$RUN_DIR/kb/world/heldout_qa_2hop.jsonl" | "$PY" -c "import json, sys; print(json.load(sys.stdin)['question'])")
+cat <<EOF
+
+speedrun: finished in $((SECONDS - T_START))s (this invocation)
+  report:  $SHOW_DIR/report.md   (plots in $SHOW_DIR/report/)
+  logs:    $SHOW_DIR/logs/
+
+Chat with the RL model over the held-out knowledge base (run from $PWD):
+  NANOCHAT_BASE_DIR=$SHOW_DIR $PY -m scripts.chat_cli --source rl --model-tag $TAG --kb $SHOW_DIR/kb/heldout -p "$QUESTION"
+  NANOCHAT_BASE_DIR=$SHOW_DIR $PY -m scripts.chat_cli --source rl --model-tag $TAG --kb $SHOW_DIR/kb/heldout
+  NANOCHAT_BASE_DIR=$SHOW_DIR $PY -m scripts.chat_web --source rl --model-tag $TAG --kb $SHOW_DIR/kb/heldout   # http://127.0.0.1:8000
+EOF
