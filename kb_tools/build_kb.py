@@ -17,6 +17,8 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 
+from kb_tools import die
+
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--input", nargs="+", required=True, metavar="PATH", help=".jsonl/.txt/.md files or directories")
 parser.add_argument("--out", required=True, metavar="KB_DIR", help="knowledge base directory to create, replace or add to")
@@ -33,8 +35,6 @@ parser.add_argument("--b", type=float, default=None, help="BM25 b (default 0.75)
 parser.add_argument("--batch-size", type=int, default=32, help="encoding batch size (32 is fastest on CPU)")
 parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 args = parser.parse_args()
-
-from nanochat.common import die  # noqa: E402  (after argparse: it imports torch, --help stays instant)
 
 if args.batch_size <= 0:
     die(f"--batch-size must be positive, got {args.batch_size}")

@@ -14,14 +14,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import json
 
+from kb_tools import die
+
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--kb", required=True, metavar="KB_DIR", help="knowledge base directory (from kb_tools.build_kb)")
 parser.add_argument("--queries", required=True, metavar="FILE.jsonl", help='{"query", "relevant": [doc ids]} per line')
 parser.add_argument("--retriever", default="bm25", help="simple | bm25 | dense | hybrid (default bm25)")
 parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
 args = parser.parse_args()
-
-from nanochat.common import die  # noqa: E402  (after argparse: it imports torch, --help stays instant)
 
 from nanochat.retrieval import RetrievalManager, RETRIEVERS  # noqa: E402
 from nanochat.retrieval.evaluate import evaluate, read_queries  # noqa: E402

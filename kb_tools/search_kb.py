@@ -10,6 +10,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import json
 
+from kb_tools import die
+
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--kb", required=True, metavar="KB_DIR", help="knowledge base directory (from kb_tools.build_kb)")
 parser.add_argument("--retriever", default="bm25", help="simple | bm25 | dense | hybrid (default bm25)")
@@ -17,8 +19,6 @@ parser.add_argument("--top-k", type=int, default=5, help="number of results (def
 parser.add_argument("--query", required=True, help="the query text")
 parser.add_argument("--json", action="store_true", help="print one JSON object per result instead of a listing")
 args = parser.parse_args()
-
-from nanochat.common import die  # noqa: E402  (after argparse: it imports torch, --help stays instant)
 
 if args.top_k <= 0:
     die(f"--top-k must be at least 1, got {args.top_k}")
