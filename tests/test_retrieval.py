@@ -60,11 +60,28 @@ def test_document_is_immutable_and_metadata_read_only():
         doc.metadata["source"] = "y"
     meta["source"] = "changed by caller"
     assert doc.metadata["source"] == "x.jsonl:1"
+    nested = Document("n", "", "t", {"tags": ["a"], "extra": {"k": [1]}})
+    with pytest.raises(AttributeError):
+        nested.metadata["tags"].append("b")  # nested values are frozen too (lists become tuples)
+    with pytest.raises(TypeError):
+        nested.metadata["extra"]["k"] = 2
+    assert nested.to_json()["metadata"] == {"tags": ["a"], "extra": {"k": [1]}}
     assert doc.to_dict() == {"id": "a", "title": "T", "text": "text"}
     assert doc.doc_id == "a"
     assert Document("a#1", "T", "t", {"doc_id": "a"}).doc_id == "a"
     assert Document("a", "", "t").metadata == {}
     assert hash(doc) == hash(Document("a", "T", "text", {"other": 1}))  # hashable despite the mapping
+
+
+def test_simple_is_standard_library_only():
+    import subprocess, sys
+    code = ("import sys; sys.modules['numpy'] = None\n"
+            "from nanochat.retrieval.simple import SimpleBM25\n"
+            "from nanochat.retrieval.documents import Document\n"
+            "r = SimpleBM25([Document('a', '', 'paris france'), Document('b', '', 'berlin')])\n"
+            "assert [x.document.id for x in r.search('paris', 2)] == ['a']\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_tokenize_keeps_codes_and_drops_stopwords():

@@ -50,6 +50,8 @@ def test_dense_repeated_queries_identical_and_empty_query(retrievers):
     for r in (dense, hybrid):
         assert r.search("", 3) == [] and r.search("   ", 3) == []
         assert r.search_batch(["", "coffee"], 2)[0] == []
+        # an unknown word is still a point in embedding space: nearest documents, no error
+        assert len(r.search("zzxqv", 3)) == 3
     with pytest.raises(ValueError, match="top_k"):
         dense.search("coffee", 0)
 

@@ -1,15 +1,16 @@
 """
-What every retriever shares: the search / search_batch interface on top of one method,
+What every retriever shares (standard library only, like documents.py and simple.py):
+the search / search_batch interface on top of one method,
 rank_batch(queries, k) -> per query a list of (position in self.documents, score), best first.
 Hybrid fusion works on those positions, so it never touches (or aliases) document objects.
 """
-import numpy as np
+from numbers import Integral
 
 from nanochat.retrieval.documents import SearchResult
 
 
 def check_top_k(top_k):
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k <= 0:
+    if isinstance(top_k, bool) or not isinstance(top_k, Integral) or top_k <= 0:
         raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
     return int(top_k)
 
@@ -17,6 +18,7 @@ def check_top_k(top_k):
 def top_k_positions(scores, k, positions=None):
     """Indices of the k highest scores, best first, ties broken by the lower index so results
     are identical run to run. `positions` (optional) maps the entries of scores to doc positions."""
+    import numpy as np  # here, not at the top: `simple` and this module stay standard-library only
     n = len(scores)
     k = min(k, n)
     if k <= 0:

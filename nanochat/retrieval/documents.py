@@ -13,8 +13,26 @@ from types import MappingProxyType
 from typing import Mapping
 
 
+def _freeze(value):
+    """Read-only deep copy: dicts become mapping proxies, lists tuples, so nothing reachable
+    from a stored document can be changed in place."""
+    if isinstance(value, Mapping):
+        return MappingProxyType({k: _freeze(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _thaw(value):
+    if isinstance(value, Mapping):
+        return {k: _thaw(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_thaw(v) for v in value]
+    return value
+
+
 def _frozen_mapping(value=None):
-    return MappingProxyType(dict(value or {}))
+    return _freeze(dict(value or {}))
 
 
 @dataclass(frozen=True)
@@ -40,7 +58,7 @@ class Document:
         return {"id": self.id, "title": self.title, "text": self.text}
 
     def to_json(self):
-        return {"id": self.id, "title": self.title, "text": self.text, "metadata": dict(self.metadata)}
+        return {"id": self.id, "title": self.title, "text": self.text, "metadata": _thaw(self.metadata)}
 
     @classmethod
     def from_json(cls, obj):

@@ -21,8 +21,6 @@ import time
 import shutil
 import hashlib
 
-import numpy as np
-
 from nanochat.retrieval import FUSION_OPTIONS, check_options, check_retriever_name, make_retriever
 from nanochat.retrieval.documents import Document, chunk_document, content_key, index_text, read_documents, TOKENIZER_VERSION
 
@@ -233,6 +231,7 @@ def build_kb(inputs, out_dir, retrievers=None, chunk_words=None, overlap=None, m
             log(f"indexing {len(chunks):,} chunks with bm25s")
             BM25Retriever(chunks, method=params["bm25_method"], k1=params["k1"], b=params["b"]).save(os.path.join(tmp, "bm25"))
         if "dense" in retrievers:
+            import numpy as np
             from nanochat.retrieval import dense
             retriever_model = dense.load_model(params["model"])
             dim = dense.embedding_dim(retriever_model)
