@@ -72,7 +72,7 @@ class HybridRetriever(Retriever):
         return pos.astype(np.int64), sc.astype(np.float64)
 
     def fuse(self, query, qvec, dense_hits):
-        """Fused (positions, scores) for one query, best first, over the candidate union."""
+        """(positions, fused scores, cosines) of the candidate union for one query, best first."""
         lex_pos, lex_sc = self._lexical(query)
         lex_top = lex_pos[top_k_positions(lex_sc, self.candidates)]
         dense_top = np.array([i for i, _ in dense_hits], dtype=np.int64)
