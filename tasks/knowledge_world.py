@@ -299,16 +299,37 @@ class WorldStream(_WorldQATask):
 # Plain-text pretraining documents
 
 def pretraining_documents(seed=0):
-    """Endless plain-text documents: the articles of a fresh mini-world, then question /
-    answer lines about them, so that base pretraining already learns to look a fact up
-    earlier in the context. Training names only; no special tokens."""
+    """Endless plain-text documents for base pretraining, training names only, no special tokens.
+    Most are reading drills: a few articles, then many questions whose answers are only in those
+    articles, so a large share of the loss can only be lowered by looking facts up in context
+    (with whole mini-worlds only, reading never emerged in a 15-minute CPU run: the answers were
+    ~2% of the tokens). The rest are whole mini-worlds with fewer questions."""
     rng = random.Random(f"pretrain-{seed}")
     while True:
-        world = mini_world(rng, "train", rigid=rng.random() < 0.3)
-        docs = world.documents()
-        rng.shuffle(docs)
+        rigid = rng.random() < 0.3
+        if rng.random() < 0.75:
+            world = make_world(rng.getrandbits(64), "train", people=rng.randint(2, 4), cities=rng.randint(2, 3),
+                               orgs=2, works=2, countries=rng.randint(1, 2), rigid=rigid)
+            docs = world.documents()
+            rng.shuffle(docs)
+            docs = docs[:rng.choice([1, 2, 3, 4, len(docs)])]
+            want, hop_choices = rng.randint(6, 12), [1, 1, 1, 2]
+        else:
+            world = mini_world(rng, "train", rigid=rigid)
+            docs = world.documents()
+            rng.shuffle(docs)
+            want, hop_choices = rng.randint(4, 10), [1, 1, 1, 2, 2, 3]
+        shown = {d["id"] for d in docs}
+        qa, facts = [], set()
+        for _ in range(50 * want):   # questions whose every hop is an article shown above, each fact once
+            q = world.question(rng, rng.choice(hop_choices))
+            fact = (tuple(q["hops"]), q["answers"][0])
+            if set(q["hops"]) <= shown and fact not in facts:   # (a repeated fact could be copied from its first answer)
+                qa.append(q)
+                facts.add(fact)
+                if len(qa) == want:
+                    break
         lines = [f"{d['title']}\n{d['text']}" for d in docs]
-        qa = [world.question(rng, rng.choice([1, 1, 1, 2, 2, 3])) for _ in range(rng.randint(4, 10))]
         lines.append("\n".join(f"Q: {q['question']}\nA: {q['answers'][0]}" for q in qa))
         yield "\n\n".join(lines)
 
