@@ -21,7 +21,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 usage() {
-    sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"   # the comment block at the top of this file
     echo
     echo "flags: --smoke | --gpu | --cpu | --fresh | --block-pattern P | --run-dir DIR | -h"
     echo "env:   BLOCK_PATTERN, RUN_DIR, NPROC (processes per training stage), NANOCHAT_BASE_DIR (download cache)"
@@ -145,6 +145,10 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 if ! "$PY" -c "import nanochat, tasks, kb_tools, rustbpe, tiktoken, bm25s, matplotlib, fastapi, uvicorn" 2>/dev/null; then
     "$PY" -m pip install -q -e .
+fi
+if [ "$MODE" = gpu ] && ! "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+    echo "error: --gpu, but this torch ($("$PY" -c 'import torch; print(torch.__version__)')) sees no CUDA device: install a CUDA build of torch into .venv" >&2
+    exit 1
 fi
 
 # =================================================================================================
