@@ -269,7 +269,8 @@ out(f"| processes per training stage | {args.nproc} |")
 out(f"| machine | {platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores ({cpu_name}){', ' + cuda if cuda else ''} |")
 out(f"| torch / python | {torch_version} / {platform.python_version()} |")
 out("")
-out("Each stage's command (from `logs/<stage>.done`):")
+out("Each stage's command (from `logs/<stage>.done`; `launch` is python, or torchrun when there are several "
+    "processes; `build_heldout_kb` and `evaluate` are functions in `speedrun_rag.sh`):")
 out("")
 out("```bash")
 for stage in STAGES:
