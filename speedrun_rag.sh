@@ -115,11 +115,12 @@ if [[ "$BLOCK_PATTERN" =~ ^T+$ ]]; then TAG="d$DEPTH"; else TAG="d${DEPTH}_$BLOC
 # directories: the run's own, and the shared download cache
 CACHE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
 RUN_DIR="${RUN_DIR:-runs/${MODE}_$TAG}"
-if [ "$FRESH" = 1 ] && [ -d "$RUN_DIR" ]; then
-    # only delete what looks like a run directory of ours
-    if [ ! -f "$RUN_DIR/.speedrun" ]; then
-        echo "error: --fresh: $RUN_DIR exists but is not a speedrun directory (no .speedrun file); not deleting it" >&2; exit 1
-    fi
+# stages delete their old outputs (and --fresh the whole directory): only ever in a directory
+# this script made, which it marks with a .speedrun file
+if [ -d "$RUN_DIR" ] && [ -n "$(ls -A "$RUN_DIR")" ] && [ ! -f "$RUN_DIR/.speedrun" ]; then
+    echo "error: $RUN_DIR is not empty and is not a speedrun directory (no .speedrun file): pick another --run-dir" >&2; exit 1
+fi
+if [ "$FRESH" = 1 ]; then
     rm -rf "$RUN_DIR"
 fi
 mkdir -p "$RUN_DIR/logs"
