@@ -68,7 +68,7 @@ if [ "$MODE" = cpu ]; then
     SFT_ITERS=600  SFT_BATCH=8  SFT_EVAL_EVERY=100  SFT_EVAL_EXAMPLES=60
     RL_CURRICULUM=world2,world3,world4
     RL_ITERS=60  RL_PROMPTS=8  RL_SAMPLES=8  RL_MAX_NEW_TOKENS=48  RL_EVAL_EVERY=20  RL_EVAL_EXAMPLES=60
-    EVAL_EXAMPLES=200  EVAL_MAX_NEW_TOKENS=64
+    EVAL_EXAMPLES=100  EVAL_MAX_NEW_TOKENS=64
     NPROC="${NPROC:-1}"
 elif [ "$MODE" = smoke ]; then
     # toy sizes: checks that every stage runs and the report builds, in a couple of minutes
