@@ -49,6 +49,8 @@ def test_speedrun_smoke_kill_resume_and_report(tmp_path):
     # the hybrid pattern checks that BLOCK_PATTERN reaches every stage (model tag d2_TM)
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="1", BLOCK_PATTERN="TM",
                PYTHONUNBUFFERED="1")
+    for name in ("NPROC", "RUN_DIR"):   # the script reads these too; the test sets its own
+        env.pop(name, None)
     cmd = ["bash", "speedrun_rag.sh", "--smoke", "--run-dir", str(run_dir)]
 
     # 1) first run: kill the SFT process once it is training, as a user's kill would
