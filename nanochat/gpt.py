@@ -80,6 +80,10 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        # QK-norm makes |q| = |k| = sqrt(head_dim), so a logit is at most scale * head_dim. The usual
+        # 1/sqrt(head_dim) caps it at sqrt(head_dim): fine for 128-dim heads (11.3), too soft for the
+        # 32-dim heads of tiny models (5.7) to pick one token out of hundreds. Keep the 128-dim ceiling.
+        self.scale = max(self.head_dim, 128) ** 0.5 / self.head_dim
 
     def forward(self, x, cos, sin, cache=None, rows=None, attn_mask=None):
         B, T, _ = x.shape
@@ -93,9 +97,9 @@ class CausalSelfAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (B, H, T, D)
         gqa = self.n_head != self.n_kv_head
         if attn_mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale, enable_gqa=gqa)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
