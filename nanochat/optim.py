@@ -72,6 +72,14 @@ def setup_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.0
     return optimizers
 
 
+def step_optimizers(optimizers, lr_multiplier):
+    """One optimizer step at initial_lr * lr_multiplier for every group."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lr_multiplier
+        opt.step()
+
+
 def all_reduce_grads(model):
     """Average gradients across ranks in one flat buffer per dtype (few large messages)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

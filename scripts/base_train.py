@@ -20,7 +20,7 @@ from nanochat.tokenizer import get_tokenizer
 from nanochat.dataset import get_source
 from nanochat.dataloader import PretrainLoader
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.optim import setup_optimizers, all_reduce_grads
+from nanochat.optim import setup_optimizers, step_optimizers, all_reduce_grads
 from nanochat.checkpoint_manager import save_checkpoint, load_checkpoint, checkpoint_dir, model_tag_for
 from nanochat.engine import Engine
 
@@ -205,13 +205,9 @@ while True:
         x, y = train_loader.next_batch()
     all_reduce_grads(model)
     lrm = lr_multiplier(step)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
     for group in optimizers[-1].param_groups if len(optimizers) > 1 else []:
         group["momentum"] = muon_momentum(step)
-    for opt in optimizers:
-        opt.step()
+    step_optimizers(optimizers, lrm)
     model.zero_grad(set_to_none=True)
     loss_value = loss.item()
     if not math.isfinite(loss_value):

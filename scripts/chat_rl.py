@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from nanochat.common import compute_init, compute_cleanup, print0, init_wandb, autocast_ctx, die
 from nanochat.checkpoint_manager import load_model, save_checkpoint, checkpoint_dir, find_model_tag
-from nanochat.optim import setup_optimizers, all_reduce_grads
+from nanochat.optim import setup_optimizers, step_optimizers, all_reduce_grads
 from nanochat.sft_data import build_task, parse_mixture
 from nanochat.rollout import rollout, rl_batch, policy_gradient_loss, evaluate_task
 
@@ -84,11 +84,8 @@ try:
 except (FileNotFoundError, ValueError, RuntimeError) as e:
     die(str(e))
 print0(f"RL of {args.source}/{model_tag} ({model.config.block_pattern}); curriculum: {' -> '.join(stages)}")
-base_cfg = meta.get("user_config", {})
-lrs = {k: base_cfg.get(k, d) * args.lr_frac for k, d in
-       (("matrix_lr", 0.02), ("embedding_lr", 0.2), ("unembedding_lr", 0.004), ("other_lr", 0.004))}
-# SFT's meta carries its own flags; the learning rates of base_train are the reference either way
-optimizers = setup_optimizers(model, **{k: v for k, v in lrs.items()})
+# fine-tuning uses base_train's default learning rates scaled by --lr-frac
+optimizers = setup_optimizers(model, 0.02 * args.lr_frac, 0.2 * args.lr_frac, 0.004 * args.lr_frac, 0.004 * args.lr_frac)
 pad_id = tokenizer.encode_special("<|assistant_end|>")
 
 
@@ -156,10 +153,7 @@ while True:
     loss.backward()
     all_reduce_grads(model)
     lrm = 1.0 - step / args.num_iterations   # linear decay to 0, as nanochat's RL
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-        opt.step()
+    step_optimizers(optimizers, lrm)
     model.zero_grad(set_to_none=True)
     dt = time.time() - t0
     train_time += dt

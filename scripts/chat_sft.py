@@ -20,7 +20,7 @@ import torch
 
 from nanochat.common import compute_init, compute_cleanup, print0, init_wandb, autocast_ctx, die
 from nanochat.checkpoint_manager import load_model, save_checkpoint, checkpoint_dir, find_model_tag
-from nanochat.optim import setup_optimizers, all_reduce_grads
+from nanochat.optim import setup_optimizers, step_optimizers, all_reduce_grads
 from nanochat.sft_data import build_mixture, build_task, packed_batches, parse_mixture
 from nanochat.rollout import evaluate_task
 
@@ -78,10 +78,8 @@ except (FileNotFoundError, ValueError) as e:
 seq_len = args.max_seq_len or model.config.sequence_len
 print0(f"SFT of {args.source}/{model_tag} ({model.config.block_pattern}, {model.num_params():,} params), rows of {seq_len} tokens")
 
-base_cfg = meta.get("user_config", {})
-lrs = {k: base_cfg.get(k, d) * args.lr_frac for k, d in
-       (("matrix_lr", 0.02), ("embedding_lr", 0.2), ("unembedding_lr", 0.004), ("other_lr", 0.004))}
-optimizers = setup_optimizers(model, **lrs)
+# fine-tuning uses base_train's default learning rates scaled by --lr-frac
+optimizers = setup_optimizers(model, 0.02 * args.lr_frac, 0.2 * args.lr_frac, 0.004 * args.lr_frac, 0.004 * args.lr_frac)
 
 # data
 try:
@@ -151,10 +149,7 @@ while True:
     loss.backward()
     all_reduce_grads(model)
     lrm = lr_multiplier(step)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-        opt.step()
+    step_optimizers(optimizers, lrm)
     model.zero_grad(set_to_none=True)
     loss_value = loss.item()
     if not math.isfinite(loss_value):
