@@ -36,9 +36,6 @@ class PretrainLoader:
                 self.next_doc = i + self.world   # documents after the one that fills the batch stay unread
                 if len(buf) >= need:
                     break
-        return self._finish(buf, need)
-
-    def _finish(self, buf, need):
         t = torch.tensor(buf[:need], dtype=torch.long)
         x = t[:-1].view(self.B, self.T).to(self.device, non_blocking=True)
         y = t[1:].view(self.B, self.T).to(self.device, non_blocking=True)

@@ -99,6 +99,7 @@ class Engine:
         self.S = S
         self.banned = [S[t] for t in ("<|doc_start|>", "<|doc_end|>", "<|output_start|>", "<|output_end|>")]
         self.stop_tokens = {S["<|assistant_end|>"], S["<|bos|>"]}
+        self.special_ids = set(S.values())
 
     def _flush_text(self, row):
         if row.pending:
@@ -125,12 +126,13 @@ class Engine:
             elif tok == S["<|search_start|>"]:
                 self._flush_text(row)
                 row.mode = "search"
-            else:
+            elif tok not in self.special_ids:   # a stray control token is kept in the tokens, not in the text
                 row.pending.append(tok)
             return None
         end = S["<|python_end|>"] if row.mode == "python" else S["<|search_end|>"]
         if tok != end:
-            row.pending.append(tok)
+            if tok not in self.special_ids:
+                row.pending.append(tok)
             return None
         text = self.tokenizer.decode(row.pending)
         row.pending, mode, row.mode = [], row.mode, "text"

@@ -219,3 +219,13 @@ def test_cache_rows_advance_independently(tokenizer, pattern):
     assert torch.allclose(torch.cat([out0a, out0b] + out0c, 1)[0], full, atol=1e-5)
     assert torch.allclose(out1[0], full, atol=1e-5)
     assert cache.lengths.tolist() == [10, 10]
+
+
+def test_stray_control_tokens_stay_out_of_text(tokenizer):
+    S = tokenizer.special
+    script = (tokenizer.encode("the") + [S["<|search_end|>"], S["<|python_end|>"]] + tokenizer.encode(" cat")
+              + [S["<|assistant_end|>"]])
+    model, engine = scripted_engine(tokenizer, script)
+    rows = run_scripted(model, engine, tokenizer.encode("q", prepend="<|bos|>"), max_tokens=20, temperature=0.0)
+    assert rows[0].parts == [{"type": "text", "text": "the cat"}]
+    assert S["<|search_end|>"] in rows[0].tokens   # still in the sequence the model produced (RL trains on it)
