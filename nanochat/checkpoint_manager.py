@@ -1,8 +1,8 @@
 """
 Checkpoints: <base_dir>/<phase>_checkpoints/<model_tag>/
-  model_XXXXXX.pt          the model's state_dict (tensors only: loads with weights_only=True)
-  meta_XXXXXX.json         model config, the run's flags, step, metrics, loader state
-  optim_XXXXXX_rankR.pt    each rank's optimizer state (for --resume-from-step)
+  model_<step>.pt          the model's state_dict (tensors only: loads with weights_only=True)
+  meta_<step>.json         model config, the run's flags, step, metrics, loader state
+  optim_<step>_rank<r>.pt  each rank's optimizer state (for --resume-from-step)
 Every file is written under a temporary name and renamed, so a crash never leaves a broken one.
 """
 import os
