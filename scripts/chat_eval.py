@@ -16,7 +16,7 @@ import torch
 from nanochat.common import compute_init, die, print0, atomic_write_json
 from nanochat.checkpoint_manager import load_model, find_model_tag
 from nanochat.rollout import evaluate_task
-from nanochat.sft_data import build_task, open_kb
+from nanochat.sft_data import add_kb_flags, build_task, open_kb
 
 parser = argparse.ArgumentParser(description="Evaluate a chat model on QA with retrieval, or on multiple choice")
 parser.add_argument("--source", default="sft", choices=["base", "sft", "rl"], help="which checkpoint to evaluate")
@@ -24,12 +24,7 @@ parser.add_argument("--model-tag", default=None, help="model tag (default: the l
 parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
 parser.add_argument("--block-pattern", default=None, help="refuse a checkpoint whose block pattern differs")
 parser.add_argument("--task", default=None, help="world1..world4 (held-out knowledge world), arc, mmlu, gsm8k, hotpotqa")
-parser.add_argument("--qa", default=None, help="JSONL file of {question, answers, supporting_ids?, hops?}")
-parser.add_argument("--kb", default=None, help="knowledge base directory for --qa")
-parser.add_argument("--multihop", action="store_true", help="--qa: the model writes its own searches (REFRAG) instead of RAG")
-parser.add_argument("--retriever", default="bm25", help="simple | bm25 | dense | hybrid")
-parser.add_argument("--embedding-model", default=None, help="dense/hybrid: must be the model the KB was built with (checked)")
-parser.add_argument("--top-k", type=int, default=3, help="documents per retrieval")
+add_kb_flags(parser)
 parser.add_argument("--no-retrieval", action="store_true", help="ablation: no documents, searches return nothing")
 parser.add_argument("--max-searches", type=int, default=4, help="searches allowed per answer")
 parser.add_argument("--num-examples", type=int, default=200, help="examples to evaluate (from the start)")

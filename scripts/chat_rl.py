@@ -22,7 +22,7 @@ import torch.distributed as dist
 from nanochat.common import compute_init, compute_cleanup, print0, init_wandb, autocast_ctx, die
 from nanochat.checkpoint_manager import load_model, save_checkpoint, checkpoint_dir, find_model_tag
 from nanochat.optim import setup_optimizers, step_optimizers, all_reduce_grads
-from nanochat.sft_data import build_task, parse_mixture
+from nanochat.sft_data import add_kb_flags, build_task, parse_mixture
 from nanochat.rollout import rollout, rl_batch, policy_gradient_loss, evaluate_task
 
 parser = argparse.ArgumentParser(description="RL with the model's own searches: rewards from its generated answers")
@@ -36,12 +36,7 @@ parser.add_argument("--curriculum", default="world2,world3,world4",
                          "reaches --advance-em (a single stage = no curriculum)")
 parser.add_argument("--advance-em", type=float, default=0.8, help="rollout EM that moves the curriculum on")
 parser.add_argument("--advance-window", type=int, default=10, help="steps averaged for --advance-em")
-parser.add_argument("--kb", default=None, help="knowledge base directory for the 'qa' task")
-parser.add_argument("--qa", default=None, help="JSONL QA file for the 'qa' task")
-parser.add_argument("--multihop", action="store_true", help="'qa' task: the model searches by itself")
-parser.add_argument("--retriever", default="bm25", help="simple | bm25 | dense | hybrid")
-parser.add_argument("--embedding-model", default=None, help="dense/hybrid: must be the model the KB was built with (checked)")
-parser.add_argument("--top-k", type=int, default=3, help="documents per search for the 'qa' task")
+add_kb_flags(parser)
 parser.add_argument("--max-searches", type=int, default=4, help="searches allowed per answer (hop cap)")
 parser.add_argument("--stream-examples", type=int, default=200_000, help="examples per knowledge-world training stream")
 parser.add_argument("--seed", type=int, default=1, help="seed of the training streams (differs from SFT's by default)")

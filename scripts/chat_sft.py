@@ -21,7 +21,7 @@ import torch
 from nanochat.common import compute_init, compute_cleanup, print0, init_wandb, autocast_ctx, die
 from nanochat.checkpoint_manager import load_model, save_checkpoint, checkpoint_dir, find_model_tag
 from nanochat.optim import setup_optimizers, step_optimizers, all_reduce_grads
-from nanochat.sft_data import build_mixture, build_task, packed_batches, parse_mixture
+from nanochat.sft_data import add_kb_flags, build_mixture, build_task, packed_batches, parse_mixture
 from nanochat.rollout import evaluate_task
 
 parser = argparse.ArgumentParser(description="Supervised fine-tuning on chat / RAG / multi-hop search conversations")
@@ -32,12 +32,7 @@ parser.add_argument("--block-pattern", default=None, help="refuse a checkpoint w
 parser.add_argument("--mixture", default="world1:1,world2:3,world3:3,world4:1",
                     help="comma list of task[:weight]: world1..world4 (knowledge-world levels: 1 doc, distractors, 2-hop, 3-hop), "
                          "qa (needs --qa/--kb), smoltalk, gsm8k, arc, mmlu, hotpotqa (online)")
-parser.add_argument("--kb", default=None, help="knowledge base directory (kb_tools.build_kb) for the 'qa' task")
-parser.add_argument("--qa", default=None, help="JSONL file of {question, answers, supporting_ids?} for the 'qa' task")
-parser.add_argument("--multihop", action="store_true", help="'qa' task: teach multi-hop search (rows need 'hops')")
-parser.add_argument("--retriever", default="bm25", help="simple | bm25 | dense | hybrid")
-parser.add_argument("--embedding-model", default=None, help="dense/hybrid: must be the model the KB was built with (checked)")
-parser.add_argument("--top-k", type=int, default=3, help="documents per retrieval (the 'qa' task; world levels fix their own)")
+add_kb_flags(parser)
 parser.add_argument("--stream-examples", type=int, default=200_000, help="examples per knowledge-world training stream")
 parser.add_argument("--seed", type=int, default=0, help="seed of the training streams")
 # optimisation

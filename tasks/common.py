@@ -6,14 +6,16 @@ A task example is a dict {"messages": [...], ...} in the format render_conversat
 other keys (letters, answers, hops, ...) ride along for evaluation.
 """
 import os
+from abc import ABC, abstractmethod
 import glob
 import random
 
 from nanochat.common import get_base_dir, UserError
 
 
-class Task:
-    """Base class. Subclasses implement num_examples, get_example, eval_type and evaluate.
+class Task(ABC):
+    """Base class. Subclasses implement num_examples, get_example and eval_type; tasks with gold
+    answers also implement evaluate(conversation, completion) (chat data and mixtures have none).
     start/stop/step give a view on the underlying examples without copying anything."""
 
     def __init__(self, start=0, stop=None, step=1):
@@ -23,17 +25,17 @@ class Task:
         self.start, self.stop, self.step = start, stop, step
 
     @property
+    @abstractmethod
     def eval_type(self):
-        raise NotImplementedError   # 'generative' or 'categorical'
+        """'generative' or 'categorical'"""
 
+    @abstractmethod
     def num_examples(self):
-        raise NotImplementedError
+        """How many examples the underlying dataset has."""
 
+    @abstractmethod
     def get_example(self, index):
-        raise NotImplementedError
-
-    def evaluate(self, conversation, completion):
-        raise NotImplementedError
+        """The example at a physical index: {"messages": [...], ...}."""
 
     def reward(self, conversation, completion):
         """Scalar for RL; by default the evaluation outcome."""

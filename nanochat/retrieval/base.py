@@ -4,6 +4,7 @@ the search / search_batch interface on top of one method,
 rank_batch(queries, k) -> per query a list of (position in self.documents, score), best first.
 Hybrid fusion works on those positions, so it never touches (or aliases) document objects.
 """
+from abc import ABC, abstractmethod
 from numbers import Integral
 
 from nanochat.retrieval.documents import SearchResult
@@ -34,7 +35,7 @@ def top_k_positions(scores, k, positions=None):
     return idx if positions is None else positions[idx]
 
 
-class Retriever:
+class Retriever(ABC):
     name = ""
 
     def __init__(self, documents):
@@ -43,8 +44,9 @@ class Retriever:
     def __len__(self):
         return len(self.documents)
 
+    @abstractmethod
     def rank_batch(self, queries, k):
-        raise NotImplementedError
+        """Per query, up to k (position in self.documents, score) pairs, best first."""
 
     def search_batch(self, queries, top_k):
         if isinstance(queries, str):
