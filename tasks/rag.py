@@ -21,6 +21,7 @@ import copy
 import time
 import random
 import argparse
+from abc import abstractmethod
 from collections import OrderedDict
 
 from tasks.common import Task
@@ -95,8 +96,9 @@ class _RetrievingTask(Task):
         self.num_searches += len(queries)
         return results
 
+    @abstractmethod
     def build(self, examples, indices):
-        raise NotImplementedError
+        """The examples with their retrieval added (one batched search per call)."""
 
     def prefetch(self, indices):
         self._fill([self.physical_index(i) for i in indices])
