@@ -57,7 +57,7 @@ def respond(model, tokenizer, messages, mode="auto", retriever=None, top_k=3, te
                 all_docs += docs
                 yield {"type": "documents", "query": _last_query(row.parts), "documents": docs}
         seen_parts = len(row.parts)
-        visible = _answer_text(row.parts) + (tokenizer.decode(row.pending) if row.mode == "text" else "")
+        visible = _answer_text(row.parts) + (tokenizer.decode_text(row.pending) if row.mode == "text" else "")
         if visible.endswith("\ufffd"):   # half of a multi-byte character: wait for the rest
             continue
         if len(visible) > len(emitted) and visible.startswith(emitted):

@@ -103,7 +103,7 @@ class Engine:
 
     def _flush_text(self, row):
         if row.pending:
-            text = self.tokenizer.decode(row.pending)
+            text = self.tokenizer.decode_text(row.pending)
             if row.parts and row.parts[-1]["type"] == "text":
                 row.parts[-1]["text"] += text
             else:
@@ -134,7 +134,7 @@ class Engine:
             if tok not in self.special_ids:
                 row.pending.append(tok)
             return None
-        text = self.tokenizer.decode(row.pending)
+        text = self.tokenizer.decode_text(row.pending)
         row.pending, mode, row.mode = [], row.mode, "text"
         row.parts.append({"type": mode, "text": text})
         if mode == "search":
@@ -143,7 +143,7 @@ class Engine:
         if result is None:
             return None
         row.parts.append({"type": "python_output", "text": str(result)})
-        return [S["<|output_start|>"]] + self.tokenizer.encode(str(result)) + [S["<|output_end|>"]]
+        return [S["<|output_start|>"]] + self.tokenizer.encode_text(str(result)) + [S["<|output_end|>"]]
 
     def _search_blocks(self, rows, searches):
         """Run all rows' searches in one retriever call; return {row_index: injected ids}."""

@@ -4,6 +4,12 @@ BPE tokenizer: trained with rustbpe, run with tiktoken, saved without pickle.
 Also renders chat conversations into (ids, mask), where mask=1 marks the tokens the
 model is trained to produce (assistant text, tool calls, search queries) and mask=0
 everything it is given (user turns, retrieved documents, tool output).
+
+Every piece of text in a conversation is encoded with one leading space (SentencePiece's
+"dummy prefix"): the split pattern glues a space to the word after it, so "Lera" alone is
+L|er|a while "in Lera" ends in |Ler|a. With the prefix a name is the same tokens in a
+document, a question, a search and an answer, and reading becomes a plain token copy (a tiny
+model copied every field but names, whose first token it had to re-spell, before this).
 """
 import os
 import copy
@@ -117,11 +123,20 @@ class Tokenizer:
         return self.special[x] if isinstance(x, str) else x
 
     # ---- conversations ----------------------------------------------------------------------
+    def encode_text(self, text):
+        """A message or part body: with the leading space (see the module docstring)."""
+        return self.encode(" " + text)
+
+    def decode_text(self, ids):
+        """The inverse of encode_text: the decoded text without its leading space."""
+        text = self.decode(ids)
+        return text[1:] if text.startswith(" ") else text
+
     def encode_document(self, doc, number):
         """The body of one document block: '[n] title' on the first line, then the text."""
         title = (doc.get("title") or "").strip()
         head = f"[{number}] {title}".rstrip()
-        return self.encode(f"{head}\n{doc.get('text', '')}")
+        return self.encode(f"{head}\n") + self.encode_text(doc.get("text", ""))
 
     def render_documents(self, documents, first_number=1, max_doc_tokens=DEFAULT_MAX_DOC_TOKENS):
         """Token ids of document blocks, numbered from first_number. The Engine uses this to
@@ -203,7 +218,7 @@ class Tokenizer:
             if role == "user":
                 if not isinstance(content, str):
                     raise ValueError(f"message {i}: user content must be a string")
-                segs.append(("tok", [S["<|user_start|>"]] + self.encode(content) + [S["<|user_end|>"]], 0))
+                segs.append(("tok", [S["<|user_start|>"]] + self.encode_text(content) + [S["<|user_end|>"]], 0))
                 expected = "assistant"
                 continue
             segs.append(("tok", [S["<|assistant_start|>"]], 0))
@@ -211,13 +226,13 @@ class Tokenizer:
             for part in parts:
                 kind = part["type"]
                 if kind == "text":
-                    segs.append(("tok", self.encode(part["text"]), 1))
+                    segs.append(("tok", self.encode_text(part["text"]), 1))
                 elif kind == "python":
-                    segs.append(("tok", [S["<|python_start|>"]] + self.encode(part["text"]) + [S["<|python_end|>"]], 1))
+                    segs.append(("tok", [S["<|python_start|>"]] + self.encode_text(part["text"]) + [S["<|python_end|>"]], 1))
                 elif kind == "python_output":
-                    segs.append(("tok", [S["<|output_start|>"]] + self.encode(part["text"]) + [S["<|output_end|>"]], 0))
+                    segs.append(("tok", [S["<|output_start|>"]] + self.encode_text(part["text"]) + [S["<|output_end|>"]], 0))
                 elif kind == "search":
-                    segs.append(("tok", [S["<|search_start|>"]] + self.encode(part["text"]) + [S["<|search_end|>"]], 1))
+                    segs.append(("tok", [S["<|search_start|>"]] + self.encode_text(part["text"]) + [S["<|search_end|>"]], 1))
                 elif kind == "search_results":
                     add_docs(part["documents"])
                 else:

@@ -74,7 +74,7 @@ def categorical_accuracy(task, n):
         example = task[i]
         prompt = tokenizer.render_for_completion(example, max_tokens=model.config.sequence_len)
         logits = model(torch.tensor([prompt], device=device))[0, -1]
-        letter_ids = [tokenizer.encode(letter)[0] for letter in example["letters"]]
+        letter_ids = [tokenizer.encode_text(letter)[0] for letter in example["letters"]]
         choice = example["letters"][int(logits[letter_ids].argmax())]
         correct += task.evaluate(example, choice)
     return {"accuracy": correct / n, "n": n}

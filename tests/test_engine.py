@@ -100,19 +100,19 @@ def run_scripted(model, engine, prompt, num_samples=1, **kw):
 
 def test_calculator_injection(tokenizer):
     S = tokenizer.special
-    script = [S["<|python_start|>"]] + tokenizer.encode("2+3") + [S["<|python_end|>"]] + tokenizer.encode(" ok") + [S["<|assistant_end|>"]]
+    script = [S["<|python_start|>"]] + tokenizer.encode_text("2+3") + [S["<|python_end|>"]] + tokenizer.encode_text("ok") + [S["<|assistant_end|>"]]
     model, engine = scripted_engine(tokenizer, script)
     prompt = tokenizer.encode("x", prepend="<|bos|>")
     rows = run_scripted(model, engine, prompt, max_tokens=50, temperature=0.0)
     row = rows[0]
     completion, mask = row.tokens[len(prompt):], row.mask[len(prompt):]
-    injected = [S["<|output_start|>"]] + tokenizer.encode("5") + [S["<|output_end|>"]]
+    injected = [S["<|output_start|>"]] + tokenizer.encode_text("5") + [S["<|output_end|>"]]
     k = completion.index(S["<|output_start|>"])
     assert completion[k:k + len(injected)] == injected
     assert mask[k:k + len(injected)] == [0] * len(injected)
     assert sum(mask) == len(script) - 1   # everything else was sampled (the stop token is left out)
     assert row.parts == [{"type": "python", "text": "2+3"}, {"type": "python_output", "text": "5"},
-                         {"type": "text", "text": " ok"}]
+                         {"type": "text", "text": "ok"}]
 
 
 def test_search_injects_exactly_the_retrievers_documents(tokenizer):

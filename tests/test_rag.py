@@ -93,7 +93,7 @@ def check_rendering(tokenizer, conversation):
         assert f"[{n}] {d['title']}".strip() in unsupervised and d["text"] in unsupervised
     last = conversation["messages"][-1]
     for q in search_queries(last["content"]):
-        assert f"<|search_start|>{q}<|search_end|>" in supervised
+        assert f"<|search_start|> {q}<|search_end|>" in supervised
     content = last["content"]
     for text in [content] if isinstance(content, str) else [p["text"] for p in content if p["type"] == "text"]:
         assert text in supervised

@@ -59,12 +59,12 @@ def test_plain_chat_masks(tokenizer):
     ]}
     ids, mask = tokenizer.render_conversation(conv)
     assert segments(tokenizer, ids, mask) == [
-        ("<|bos|><|user_start|>Be brief.\n\nHi<|user_end|><|assistant_start|>", 0),
-        ("Hello<|assistant_end|>", 1),
-        ("<|user_start|>Sum?<|user_end|><|assistant_start|>", 0),
-        ("It is <|python_start|>2+3<|python_end|>", 1),
-        ("<|output_start|>5<|output_end|>", 0),
-        ("5.<|assistant_end|>", 1),
+        ("<|bos|><|user_start|> Be brief.\n\nHi<|user_end|><|assistant_start|>", 0),
+        (" Hello<|assistant_end|>", 1),
+        ("<|user_start|> Sum?<|user_end|><|assistant_start|>", 0),
+        (" It is <|python_start|> 2+3<|python_end|>", 1),
+        ("<|output_start|> 5<|output_end|>", 0),
+        (" 5.<|assistant_end|>", 1),
     ]
 
 
@@ -81,11 +81,11 @@ def test_retrieval_and_search_masks(tokenizer):
     ]}
     ids, mask = tokenizer.render_conversation(conv)
     assert segments(tokenizer, ids, mask) == [
-        ("<|bos|><|doc_start|>[1] Cat\nThe cat sat.<|doc_end|><|doc_start|>[2] Dog\nThe dog ran.<|doc_end|>"
-         "<|user_start|>Who sat?<|user_end|><|assistant_start|>", 0),
-        ("<|search_start|>cat sat<|search_end|>", 1),
-        ("<|doc_start|>[3] Mat\nOn the mat.<|doc_end|>", 0),
-        ("The cat [1].<|assistant_end|>", 1),
+        ("<|bos|><|doc_start|>[1] Cat\n The cat sat.<|doc_end|><|doc_start|>[2] Dog\n The dog ran.<|doc_end|>"
+         "<|user_start|> Who sat?<|user_end|><|assistant_start|>", 0),
+        ("<|search_start|> cat sat<|search_end|>", 1),
+        ("<|doc_start|>[3] Mat\n On the mat.<|doc_end|>", 0),
+        (" The cat [1].<|assistant_end|>", 1),
     ]
     # token by token: everything between doc markers is mask 0
     inside = False
@@ -96,6 +96,20 @@ def test_retrieval_and_search_masks(tokenizer):
             assert m == 0
         if i == tokenizer.special["<|doc_end|>"]:
             inside = False
+
+
+def test_a_name_is_the_same_tokens_in_documents_questions_and_answers(tokenizer):
+    # the leading space of every text piece: copying a name is copying tokens, not re-spelling it
+    name = tokenizer.encode(" Lerazul")
+    conv = {"messages": [
+        {"role": "retrieval", "documents": [{"id": "a", "title": "Kobo", "text": "Lerazul is a city in Lerazul."}]},
+        {"role": "user", "content": "Lerazul?"},
+        {"role": "assistant", "content": [{"type": "search", "text": "Lerazul"}, {"type": "text", "text": "Lerazul"}]},
+    ]}
+    ids, _ = tokenizer.render_conversation(conv)
+    starts = [k for k in range(len(ids)) if ids[k:k + len(name)] == name]
+    assert len(starts) == 5   # document text twice, question, search, answer
+    assert tokenizer.decode_text(tokenizer.encode_text("Lerazul")) == "Lerazul"
 
 
 def test_structure_errors(tokenizer):
