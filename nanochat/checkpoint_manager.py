@@ -95,6 +95,7 @@ def build_model(model_config, model_state, device):
         model.load_state_dict(model_state, strict=True, assign=True)
     except RuntimeError as e:
         raise ValueError(f"checkpoint does not match its model config ({str(e).splitlines()[0][:160]})") from None
+    model.tie_weights()   # assign=True gave the head its own tensor
     model.eval()
     return model
 

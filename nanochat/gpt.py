@@ -2,8 +2,8 @@
 The GPT: a stack of blocks chosen by `block_pattern`, one character per layer:
   T = attention (RoPE, QK-norm, GQA) + MLP
   M = Mamba-2 mixer + MLP (see nanochat/mamba.py)
-Other choices, as in nanochat: parameter-free RMSNorm, ReLU² MLP, untied embeddings,
-logit soft-cap, no biases.
+Other choices, as in nanochat: parameter-free RMSNorm, ReLU² MLP, untied embeddings (tied
+with tie_embeddings), logit soft-cap, no biases.
 
 Inference uses an InferenceCache with one slot per layer (KV for T, conv+SSM state for M)
 and a length per row, so the Engine can advance rows independently: a retrieved document
@@ -32,6 +32,7 @@ class GPTConfig:
     mamba_chunk_size: int = 64
     mamba_mlp: bool = True           # M blocks get an MLP after the mixer (Jamba, Samba, Nemotron-H)
     logit_softcap: float = 15.0
+    tie_embeddings: bool = False     # one matrix embeds tokens and scores them (see GPT.tie_weights)
 
     def __post_init__(self):
         if not self.block_pattern:
@@ -49,14 +50,14 @@ class GPTConfig:
         return asdict(self)
 
 
-def config_from_depth(depth, vocab_size, sequence_len, aspect_ratio=64, head_dim=64, block_pattern="", **mamba):
+def config_from_depth(depth, vocab_size, sequence_len, aspect_ratio=64, head_dim=64, block_pattern="", **options):
     """The one dial: width = depth * aspect_ratio rounded up to whole heads; heads = width / head_dim."""
     if depth < 1:
         raise ValueError(f"--depth must be >= 1, got {depth}")
     n_embd = ((depth * aspect_ratio + head_dim - 1) // head_dim) * head_dim
     n_head = n_embd // head_dim
     return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
-                     n_kv_head=n_head, n_embd=n_embd, block_pattern=block_pattern or "T" * depth, **mamba)
+                     n_kv_head=n_head, n_embd=n_embd, block_pattern=block_pattern or "T" * depth, **options)
 
 
 def norm(x):
@@ -148,6 +149,7 @@ class GPT(nn.Module):
             "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         })
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.tie_weights()
         # rotary tables cover 10x the training length so long generations never run out
         self.rotary_len = config.sequence_len * 10
         head_dim = config.n_embd // config.n_head
@@ -161,12 +163,24 @@ class GPT(nn.Module):
         freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
         return freqs.cos(), freqs.sin()
 
+    def tie_weights(self):
+        """With tie_embeddings the head scores token t by its own embedding, so copying a token
+        from the context is the identity map from the start; a tiny model trained on a CPU
+        learned to copy names from documents within 100 steps tied and not in 700 untied.
+        Called again after anything that replaces parameters (to_empty, load_state_dict(assign=True))."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+
     @torch.no_grad()
     def init_weights(self):
         """Initialise every weight we own. Mamba mixers initialise their own dt/A/D (never touched here)."""
         cfg = self.config
-        torch.nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
-        torch.nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        self.tie_weights()
+        if cfg.tie_embeddings:   # small: the same matrix scores the output, whose logits should start near 0
+            torch.nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=0.5 * cfg.n_embd ** -0.5)
+        else:
+            torch.nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+            torch.nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
         bound = 3 ** 0.5 * cfg.n_embd ** -0.5   # uniform with std 1/sqrt(fan_in)
         for block in self.transformer.h:
             if block.kind == "T":
@@ -193,6 +207,8 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             for p in block.parameters():
                 (matrices if p.ndim == 2 else others).append(p)
+        if self.config.tie_embeddings:   # the shared matrix learns at the head's rate
+            return {"matrix": matrices, "embedding": [], "unembedding": [self.lm_head.weight], "other": others}
         return {"matrix": matrices, "embedding": [self.transformer.wte.weight],
                 "unembedding": [self.lm_head.weight], "other": others}
 

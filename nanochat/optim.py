@@ -59,9 +59,9 @@ def setup_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.0
     adam_groups = [
         dict(params=groups["embedding"], lr=embedding_lr * scale, weight_decay=weight_decay),
         dict(params=groups["unembedding"], lr=unembedding_lr * scale, weight_decay=weight_decay),
+        dict(params=groups["other"], lr=other_lr, weight_decay=0.0),
     ]
-    if groups["other"]:
-        adam_groups.append(dict(params=groups["other"], lr=other_lr, weight_decay=0.0))
+    adam_groups = [g for g in adam_groups if g["params"]]   # tied embeddings: no separate embedding group
     adamw = torch.optim.AdamW(adam_groups, betas=betas, eps=1e-10, fused=False)
     optimizers = [adamw]
     if groups["matrix"]:

@@ -25,15 +25,17 @@ def add_kb_flags(parser):
     parser.add_argument("--top-k", type=int, default=3, help="documents per retrieval (knowledge-world levels fix their own)")
 
 
-def build_task(name, args, split):
-    """One named task for a mixture. split 'train' streams fresh worlds; 'heldout' is for evaluation."""
+def build_task(name, args, split, seed=None):
+    """One named task for a mixture. split 'train' streams fresh worlds (seed: which stream,
+    default args.seed); 'heldout' is for evaluation."""
     from tasks.rag import world_task, RAGTask, MultiHopRAGTask, LEVELS
     if name.startswith("world") and name[5:].isdigit():
         level = int(name[5:])
         if level not in LEVELS:
             raise ValueError(f"unknown knowledge-world level {name!r}: use world1..world{max(LEVELS)}")
         if split == "train":
-            return world_task(level, "train", retriever=args.retriever, num_examples=args.stream_examples, seed=args.seed)
+            return world_task(level, "train", retriever=args.retriever, num_examples=args.stream_examples,
+                              seed=args.seed if seed is None else seed)
         return world_task(level, "heldout", retriever=args.retriever, num_examples=args.eval_examples)
     if name == "qa":
         from tasks.jsonl_qa import JsonlQA
@@ -83,12 +85,34 @@ def parse_mixture(spec):
     return items
 
 
-def build_mixture(spec, args, split="train"):
+def parse_curriculum(spec):
+    """'world1,world2+world1:2' -> [[('world1', 1)], [('world2', 1), ('world1', 2)]]: stages of mixtures."""
+    stages = [parse_mixture(stage.replace("+", ",")) for stage in spec.split(",") if stage.strip()]
+    if not stages:
+        raise ValueError("--curriculum needs at least one stage")
+    return stages
+
+
+def build_mixture(items, args, split="train", seed=None):
+    """A TaskMixture of parsed (name, weight) items."""
     tasks = []
-    for name, weight in parse_mixture(spec):
-        task = build_task(name, args, split)
+    for name, weight in items:
+        task = build_task(name, args, split, seed)
         tasks += [task] * weight   # oversample by listing a task again
     return TaskMixture(tasks)
+
+
+def conversation_exact_match(logits, targets, seq_idx):
+    """(right, total) over the conversations of a packed batch that have supervised tokens: right
+    when every supervised token is the argmax (teacher forced; for an answer alone this is
+    greedy exact match)."""
+    supervised = targets >= 0
+    wrong = supervised & (logits.argmax(-1) != targets)
+    conv = seq_idx + (seq_idx.max() + 1) * torch.arange(seq_idx.size(0), device=seq_idx.device)[:, None]
+    n = int(conv.max()) + 1
+    has = torch.zeros(n, device=logits.device).index_add_(0, conv.flatten(), supervised.flatten().float()) > 0
+    bad = torch.zeros(n, device=logits.device).index_add_(0, conv.flatten(), wrong.flatten().float()) > 0
+    return int((has & ~bad).sum()), int(has.sum())
 
 
 def render(tokenizer, example, max_tokens):

@@ -31,6 +31,8 @@ parser.add_argument("--aspect-ratio", type=int, default=64, help="model width pe
 parser.add_argument("--head-dim", type=int, default=64, help="attention head dimension")
 parser.add_argument("--block-pattern", default="", help="one letter per layer, T (attention) or M (Mamba), e.g. TMTM; default all T")
 parser.add_argument("--max-seq-len", type=int, default=1024, help="context length in tokens")
+parser.add_argument("--tie-embeddings", action="store_true",
+                    help="one matrix for token embedding and output head (small models copy names from documents far sooner)")
 # data
 parser.add_argument("--data", default="embedded", help="'embedded' (offline generated corpus), 'fineweb' or a directory of parquet files")
 # optimisation
@@ -76,7 +78,7 @@ token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.long, device=dev
 vocab_size = ((tokenizer.get_vocab_size() + 63) // 64) * 64   # padded: faster matmuls, room to spare
 try:
     config = config_from_depth(args.depth, vocab_size, args.max_seq_len, args.aspect_ratio, args.head_dim,
-                               args.block_pattern.upper())
+                               args.block_pattern.upper(), tie_embeddings=args.tie_embeddings)
 except ValueError as e:
     die(str(e))
 model_tag = args.model_tag or model_tag_for(args.depth, config.block_pattern)

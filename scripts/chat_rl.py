@@ -22,7 +22,7 @@ import torch.distributed as dist
 from nanochat.common import compute_init, compute_cleanup, print0, init_wandb, autocast_ctx, die
 from nanochat.checkpoint_manager import load_model, save_checkpoint, checkpoint_dir, find_model_tag
 from nanochat.optim import setup_optimizers, step_optimizers, all_reduce_grads
-from nanochat.sft_data import add_kb_flags, build_task, parse_mixture
+from nanochat.sft_data import add_kb_flags, build_task, parse_mixture, parse_curriculum
 from nanochat.rollout import rollout, rl_batch, policy_gradient_loss, evaluate_task
 
 parser = argparse.ArgumentParser(description="RL with the model's own searches: rewards from its generated answers")
@@ -31,7 +31,7 @@ parser.add_argument("--model-tag", default=None, help="model tag (default: the l
 parser.add_argument("--block-pattern", default=None, help="refuse a checkpoint whose block pattern differs (safety check)")
 # tasks and curriculum
 parser.add_argument("--curriculum", default="world2,world3,world4",
-                    help="comma list of stages, each a --mixture-style spec joined by '+', e.g. 'world2,world3+world2'; "
+                    help="comma list of stages, each a '+'-joined mixture of task[:weight] (as chat_sft's), e.g. 'world2,world3+world2'; "
                          "training moves to the next stage when rollout EM over the last --advance-window steps "
                          "reaches --advance-em (a single stage = no curriculum)")
 parser.add_argument("--advance-em", type=float, default=0.8, help="rollout EM that moves the curriculum on")
@@ -59,10 +59,9 @@ user_config = vars(args).copy()
 for flag in ("num_iterations", "prompts_per_step", "num_samples", "max_new_tokens", "top_k", "max_searches"):
     if getattr(args, flag) <= 0:
         die(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-stages = [s.replace("+", ",") for s in args.curriculum.split(",") if s.strip()]
 try:
-    for spec in stages + [args.eval_mixture]:
-        parse_mixture(spec)
+    stages = parse_curriculum(args.curriculum)
+    parse_mixture(args.eval_mixture)
 except ValueError as e:
     die(str(e).replace("--mixture", "--curriculum"))
 
@@ -74,11 +73,11 @@ try:
     model, tokenizer, meta = load_model(args.source, device, phase="train", model_tag=model_tag,
                                         expect_block_pattern=args.block_pattern)
     # each stage: its tasks listed by weight; prompts take them in turn (so rewards come from the owning task)
-    stage_tasks = [[build_task(name, args, "train") for name, w in parse_mixture(spec) for _ in range(w)] for spec in stages]
+    stage_tasks = [[build_task(name, args, "train") for name, w in stage for _ in range(w)] for stage in stages]
     eval_tasks = {name: build_task(name, args, "heldout") for name, _ in parse_mixture(args.eval_mixture)}
 except (FileNotFoundError, ValueError, RuntimeError) as e:
     die(str(e))
-print0(f"RL of {args.source}/{model_tag} ({model.config.block_pattern}); curriculum: {' -> '.join(stages)}")
+print0(f"RL of {args.source}/{model_tag} ({model.config.block_pattern}); curriculum: {args.curriculum.replace(',', ' -> ')}")
 # fine-tuning uses base_train's default learning rates scaled by --lr-frac
 optimizers = setup_optimizers(model, 0.02 * args.lr_frac, 0.2 * args.lr_frac, 0.004 * args.lr_frac, 0.004 * args.lr_frac)
 pad_id = tokenizer.encode_special("<|assistant_end|>")
@@ -175,7 +174,7 @@ while True:
             and sum(recent_em) / len(recent_em) >= args.advance_em):
         stage += 1
         recent_em.clear()
-        print0(f"curriculum: rollout EM reached {args.advance_em:.2f}, moving to stage {stage} ({stages[stage]})")
+        print0(f"curriculum: rollout EM reached {args.advance_em:.2f}, moving to stage {stage} ({'+'.join(n for n, _ in stages[stage])})")
 
 meta_out = {"model_config": model.config.to_dict(), "user_config": user_config, "step": step, "phase": "rl",
             "base": {"source": args.source, "model_tag": model_tag}, "heldout": record, "train_time_min": train_time / 60}

@@ -2,13 +2,17 @@
 Supervised fine-tuning from a base checkpoint, on a mixture of tasks that can include RAG and
 multi-hop REFRAG conversations. Retrieval is data here, not a different trainer.
 
-    python -m scripts.chat_sft                                          # offline default: the knowledge world
-    python -m scripts.chat_sft --mixture qa:1 --qa my_qa.jsonl --kb my_kb --retriever bm25
+    python -m scripts.chat_sft                                          # offline default: the knowledge-world curriculum
+    python -m scripts.chat_sft --curriculum qa --qa my_qa.jsonl --kb my_kb --retriever bm25
     torchrun --standalone --nproc_per_node=2 -m scripts.chat_sft -- --num-iterations 100
 
 The loss covers only what the assistant writes (answers, search queries); documents, user turns
-and tool output are context. Held-out answer loss and EM are logged to metrics.jsonl next to the
-checkpoint, for plots.
+and tool output are context. Training follows a curriculum of mixtures: it moves to the next
+stage when the model already gets --advance-em of the conversations it is about to train on
+right (every token argmax-correct, measured on the batch before its update: fresh examples, so
+an honest estimate). A tiny model on a CPU that met several documents before it could copy
+from one never learned either. Held-out answer loss and EM are logged to metrics.jsonl next to
+the checkpoint, for plots.
 """
 import os
 import json
@@ -16,12 +20,17 @@ import time
 import math
 import argparse
 
+from collections import deque
+
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 
 from nanochat.common import compute_init, compute_cleanup, print0, init_wandb, autocast_ctx, die
 from nanochat.checkpoint_manager import load_model, save_checkpoint, checkpoint_dir, find_model_tag
 from nanochat.optim import setup_optimizers, step_optimizers, all_reduce_grads
-from nanochat.sft_data import add_kb_flags, build_mixture, build_task, packed_batches, parse_mixture
+from nanochat.sft_data import add_kb_flags, build_mixture, build_task, packed_batches, parse_mixture, \
+    parse_curriculum, conversation_exact_match
 from nanochat.rollout import evaluate_task
 
 parser = argparse.ArgumentParser(description="Supervised fine-tuning on chat / RAG / multi-hop search conversations")
@@ -29,9 +38,12 @@ parser.add_argument("--source", default="base", choices=["base", "sft"], help="c
 parser.add_argument("--model-tag", default=None, help="model tag to load and to save under (default: the latest base model)")
 parser.add_argument("--block-pattern", default=None, help="refuse a checkpoint whose block pattern differs (safety check)")
 # data
-parser.add_argument("--mixture", default="world1:1,world2:3,world3:3,world4:1",
-                    help="comma list of task[:weight]: world1..world4 (knowledge-world levels: 1 doc, distractors, 2-hop, 3-hop), "
-                         "qa (needs --qa/--kb), smoltalk, gsm8k, arc, mmlu, hotpotqa (online)")
+parser.add_argument("--curriculum", default="world1,world2+world1,world3:2+world2,world3:2+world4+world2",
+                    help="comma list of stages, each a '+'-joined mixture of task[:weight]: world1..world4 (knowledge-world "
+                         "levels: 1 doc, distractors, 2-hop search, 3-hop), qa (needs --qa/--kb), smoltalk, gsm8k, arc, mmlu, "
+                         "hotpotqa (online). One stage = a plain mixture")
+parser.add_argument("--advance-em", type=float, default=0.9, help="teacher-forced EM of the training batches that moves to the next stage")
+parser.add_argument("--advance-window", type=int, default=20, help="steps averaged for --advance-em")
 add_kb_flags(parser)
 parser.add_argument("--stream-examples", type=int, default=200_000, help="examples per knowledge-world training stream")
 parser.add_argument("--seed", type=int, default=0, help="seed of the training streams")
@@ -44,7 +56,7 @@ parser.add_argument("--warmdown-ratio", type=float, default=0.3, help="fraction 
 # evaluation, output
 parser.add_argument("--eval-every", type=int, default=100, help="held-out loss and EM every N steps (0: only at the end)")
 parser.add_argument("--eval-examples", type=int, default=60, help="held-out examples per EM evaluation")
-parser.add_argument("--eval-mixture", default="world2,world3", help="held-out tasks for loss and EM (same names as --mixture)")
+parser.add_argument("--eval-mixture", default="world2,world3", help="comma list of held-out tasks for loss and EM (names as in --curriculum)")
 parser.add_argument("--device-type", default="", help="cuda | mps | cpu (default: autodetect)")
 parser.add_argument("--run", default="dummy", help="wandb run name ('dummy' disables wandb)")
 args = parser.parse_args()
@@ -54,7 +66,7 @@ if args.num_iterations <= 0 or args.device_batch_size <= 0:
 if args.top_k <= 0:
     die(f"--top-k must be positive, got {args.top_k}")
 try:
-    parse_mixture(args.mixture)
+    stages = parse_curriculum(args.curriculum)
     parse_mixture(args.eval_mixture)
 except ValueError as e:
     die(str(e))
@@ -77,13 +89,19 @@ print0(f"SFT of {args.source}/{model_tag} ({model.config.block_pattern}, {model.
 optimizers = setup_optimizers(model, 0.02 * args.lr_frac, 0.2 * args.lr_frac, 0.004 * args.lr_frac, 0.004 * args.lr_frac)
 
 # data
+def stage_batches(stage):
+    # each stage streams its own examples (seed per stage): a task kept from the previous stage shows new ones
+    task = build_mixture(stages[stage], args, "train", seed=args.seed + 1000 * stage)
+    print0(f"curriculum stage {stage}: {'+'.join(f'{n}:{w}' for n, w in stages[stage])} ({len(task):,} examples)")
+    return packed_batches(task, tokenizer, args.device_batch_size, seq_len, rank, world_size, device)
+
+
 try:
-    train_task = build_mixture(args.mixture, args, "train")
+    batches = stage_batches(0)
     eval_tasks = {name: build_task(name, args, "heldout") for name, _ in parse_mixture(args.eval_mixture)}
 except (ValueError, FileNotFoundError, RuntimeError) as e:
     die(str(e))
-print0(f"training mixture: {args.mixture} ({len(train_task):,} examples); held-out eval: {', '.join(eval_tasks)}")
-batches = packed_batches(train_task, tokenizer, args.device_batch_size, seq_len, rank, world_size, device)
+print0(f"held-out eval: {', '.join(eval_tasks)}")
 
 
 @torch.no_grad()
@@ -115,6 +133,13 @@ def evaluate(step):
     return record
 
 
+def sum_over_ranks(values):
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if ddp:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
 def lr_multiplier(step):
     warmdown = round(args.warmdown_ratio * args.num_iterations)
     return 1.0 if step < args.num_iterations - warmdown else (args.num_iterations - step) / max(warmdown, 1)
@@ -125,7 +150,8 @@ metrics_path = os.path.join(ckpt_dir, "metrics.jsonl")
 if master:
     os.makedirs(ckpt_dir, exist_ok=True)
     open(metrics_path, "w").close()
-train_time, step = 0.0, 0
+train_time, step, stage = 0.0, 0, 0
+recent_em = deque(maxlen=args.advance_window)
 model.train()
 while True:
     last = step == args.num_iterations
@@ -140,8 +166,10 @@ while True:
     t0 = time.time()
     x, y, seq_idx = next(batches)
     with autocast_ctx(device):
-        loss = model(x, y, seq_idx=seq_idx)
+        logits = model(x, seq_idx=seq_idx)
+    loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1)
     loss.backward()
+    right, total = conversation_exact_match(logits.detach(), y, seq_idx)
     all_reduce_grads(model)
     lrm = lr_multiplier(step)
     step_optimizers(optimizers, lrm)
@@ -153,11 +181,24 @@ while True:
     train_time += dt
     step += 1
     supervised = int((y >= 0).sum())
-    print0(f"step {step:5d}/{args.num_iterations} | loss {loss_value:.4f} | lrm {lrm:.2f} | {supervised} supervised tokens | "
-           f"{dt * 1000:.0f} ms | total {train_time / 60:.2f} min")
-    wandb_run.log({"step": step, "train/loss": loss_value, "train/lrm": lrm})
+    right, total = sum_over_ranks([right, total])
+    batch_em = right / max(total, 1)
+    recent_em.append(batch_em)
+    print0(f"step {step:5d}/{args.num_iterations} | stage {stage} | loss {loss_value:.4f} | batch EM {batch_em:.3f} | lrm {lrm:.2f} | "
+           f"{supervised} supervised tokens | {dt * 1000:.0f} ms | total {train_time / 60:.2f} min")
+    wandb_run.log({"step": step, "train/loss": loss_value, "train/lrm": lrm, "train/batch_em": batch_em, "train/stage": stage})
+    if master:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps({"step": step, "time_min": train_time / 60, "train/loss": loss_value,
+                                "train/batch_em": batch_em, "stage": stage}) + "\n")
+    if (stage + 1 < len(stages) and len(recent_em) == args.advance_window
+            and sum(recent_em) / len(recent_em) >= args.advance_em):
+        stage += 1
+        recent_em.clear()
+        print0(f"curriculum: batch EM reached {args.advance_em:.2f} at step {step}")
+        batches = stage_batches(stage)
 
-meta_out = {"model_config": model.config.to_dict(), "user_config": user_config, "step": step, "phase": "sft",
+meta_out = {"model_config": model.config.to_dict(), "user_config": user_config, "step": step, "phase": "sft", "stage": stage,
             "base": {"source": args.source, "model_tag": model_tag}, "heldout": record, "train_time_min": train_time / 60}
 save_checkpoint(ckpt_dir, step, model.state_dict(), None, meta_out, rank)
 print0(f"saved {ckpt_dir} step {step}")

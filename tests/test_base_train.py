@@ -133,3 +133,27 @@ def test_hybrid_pattern_pretrain_then_chat(base_dir, parquet_dir):
     out = check(run_module("scripts.chat_cli", "--source", "base", "--model-tag", "d4_MMTT", "-p", "the king",
                            "--max-tokens", "8", base_dir=base_dir))
     assert out.strip()
+
+
+def test_tied_embeddings_stay_one_matrix_through_checkpoints_and_the_optimizer():
+    from nanochat.gpt import GPT, config_from_depth
+    from nanochat.checkpoint_manager import build_model
+    from nanochat.optim import setup_optimizers
+    config = config_from_depth(2, 128, 32, 32, 32, "TM", tie_embeddings=True)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    loaded = build_model(config.to_dict(), model.state_dict(), "cpu")
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    adamw = setup_optimizers(loaded)[0]
+    params = [p for g in adamw.param_groups for p in g["params"]]
+    assert sum(p is loaded.lm_head.weight for p in params) == 1
+    # one step moves the shared matrix once, and both uses see it
+    loaded.train()
+    idx = torch.randint(0, 128, (2, 16))
+    loaded(idx, idx).backward()
+    before = loaded.transformer.wte.weight.detach().clone()
+    adamw.step()
+    assert not torch.equal(before, loaded.lm_head.weight.detach())
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight

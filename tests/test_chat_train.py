@@ -125,7 +125,7 @@ def test_chat_eval_em_matches_hand_count(trained_base, kb_and_qa, tmp_path, monk
 
 def test_sft_torchrun_two_processes_then_rl_two_steps(trained_base):
     sft = check(run_module("scripts.chat_sft", "--model-tag", "tiny", "--num-iterations", "3", "--device-batch-size", "2",
-                           "--eval-every", "0", "--eval-examples", "2", "--mixture", "world1,world3",
+                           "--eval-every", "0", "--eval-examples", "2", "--curriculum", "world1,world3",
                            base_dir=trained_base, torchrun_procs=2))
     assert "step     3/3" in sft
     ckpt = os.path.join(trained_base, "chatsft_checkpoints", "tiny")
@@ -156,5 +156,16 @@ def test_bad_input(trained_base, kb_and_qa, tmp_path):
     p = run_module("scripts.chat_eval", "--source", "base", "--model-tag", "tiny", "--qa", str(qa), "--kb",
                    str(kb_and_qa / "kb"), "--retriever", "dense", base_dir=trained_base)
     one_line_error(p, "dense")
-    p = run_module("scripts.chat_sft", "--model-tag", "tiny", "--mixture", "world9", base_dir=trained_base)
+    p = run_module("scripts.chat_sft", "--model-tag", "tiny", "--curriculum", "world9", base_dir=trained_base)
     one_line_error(p, "world9")
+
+
+def test_batch_exact_match_counts_whole_conversations():
+    from nanochat.sft_data import conversation_exact_match
+    # row 0: conversation 0 all right, conversation 1 one wrong token; row 1: conversation 0 has no
+    # supervised tokens (not counted), conversation 1 right
+    targets = torch.tensor([[1, 2, -1, 3, 4], [-1, -1, -1, 2, -1]])
+    seq_idx = torch.tensor([[0, 0, 0, 1, 1], [0, 0, 0, 1, 1]])
+    predicted = torch.tensor([[1, 2, 0, 3, 0], [0, 0, 0, 2, 0]])
+    logits = torch.nn.functional.one_hot(predicted, 5).float()
+    assert conversation_exact_match(logits, targets, seq_idx) == (2, 3)
