@@ -60,24 +60,26 @@ fi
 # run exercises each flag the GPU run uses; only the numbers differ.
 # =================================================================================================
 if [ "$MODE" = cpu ]; then
-    # embedded offline data (a generated knowledge world), a 4-layer width-128 model, both cores
-    DEPTH=4  ASPECT=32  HEAD_DIM=32  SEQ_LEN=512  VOCAB=2048  DATA=embedded  FINEWEB_SHARDS=0
+    # embedded offline data (a generated knowledge world), a 4-layer width-128 model with tied
+    # embeddings (untied, it never learned to copy names from documents), both cores. SFT is a
+    # curriculum: one document, then distractors, then 2-hop search, then 3-hop; RL on 2-hop.
+    DEPTH=4  ASPECT=32  HEAD_DIM=32  SEQ_LEN=512  VOCAB=2048  DATA=embedded  FINEWEB_SHARDS=0  TIE=--tie-embeddings
     TOK_CHARS=5000000
-    BASE_ITERS=500  BASE_BATCH=8  BASE_TOTAL_BATCH=-1  BASE_EVAL_EVERY=100  BASE_EVAL_TOKENS=65536  BASE_SAMPLE_EVERY=0
-    SFT_MIXTURE=world1:1,world2:3,world3:3,world4:1
-    SFT_ITERS=600  SFT_BATCH=8  SFT_EVAL_EVERY=100  SFT_EVAL_EXAMPLES=60
-    RL_CURRICULUM=world2,world3,world4
-    RL_ITERS=60  RL_PROMPTS=8  RL_SAMPLES=8  RL_MAX_NEW_TOKENS=48  RL_EVAL_EVERY=20  RL_EVAL_EXAMPLES=60
+    BASE_ITERS=300  BASE_BATCH=8  BASE_TOTAL_BATCH=-1  BASE_EVAL_EVERY=100  BASE_EVAL_TOKENS=65536  BASE_SAMPLE_EVERY=0
+    SFT_CURRICULUM=world1,world2+world1,world3:2+world2+world1,world3:2+world4+world2+world1
+    SFT_ITERS=1200  SFT_BATCH=8  SFT_EVAL_EVERY=200  SFT_EVAL_EXAMPLES=40
+    RL_CURRICULUM=world3+world2
+    RL_ITERS=40  RL_PROMPTS=6  RL_SAMPLES=8  RL_MAX_NEW_TOKENS=48  RL_EVAL_EVERY=20  RL_EVAL_EXAMPLES=60
     EVAL_EXAMPLES=100  EVAL_MAX_NEW_TOKENS=64
     NPROC="${NPROC:-1}"
 elif [ "$MODE" = smoke ]; then
     # toy sizes: checks that every stage runs and the report builds, in a couple of minutes
-    DEPTH=2  ASPECT=32  HEAD_DIM=32  SEQ_LEN=256  VOCAB=2048  DATA=embedded  FINEWEB_SHARDS=0
+    DEPTH=2  ASPECT=32  HEAD_DIM=32  SEQ_LEN=256  VOCAB=2048  DATA=embedded  FINEWEB_SHARDS=0  TIE=--tie-embeddings
     TOK_CHARS=300000
     BASE_ITERS=20  BASE_BATCH=4  BASE_TOTAL_BATCH=-1  BASE_EVAL_EVERY=10  BASE_EVAL_TOKENS=2048  BASE_SAMPLE_EVERY=0
-    SFT_MIXTURE=world1:1,world2:3,world3:3,world4:1
+    SFT_CURRICULUM=world1,world2+world1,world3:2+world2+world1,world3:2+world4+world2+world1
     SFT_ITERS=10  SFT_BATCH=4  SFT_EVAL_EVERY=5  SFT_EVAL_EXAMPLES=4
-    RL_CURRICULUM=world2,world3,world4
+    RL_CURRICULUM=world3+world2
     RL_ITERS=3  RL_PROMPTS=2  RL_SAMPLES=2  RL_MAX_NEW_TOKENS=16  RL_EVAL_EVERY=2  RL_EVAL_EXAMPLES=4
     EVAL_EXAMPLES=4  EVAL_MAX_NEW_TOKENS=16
     NPROC="${NPROC:-1}"
@@ -85,10 +87,10 @@ elif [ "$MODE" = gpu ]; then
     # nanochat d20 class (~560M parameters, Chinchilla-style 20 tokens per parameter = ~11B
     # tokens of FineWeb-Edu), then SFT on the knowledge world + SmolTalk + HotpotQA, and RL.
     # Expected (not run in this repo's CI): ~4-5 h on 8xH100, ~$100-130 at ~$24/h per node.
-    DEPTH=20  ASPECT=64  HEAD_DIM=128  SEQ_LEN=2048  VOCAB=65536  DATA=fineweb  FINEWEB_SHARDS=240
+    DEPTH=20  ASPECT=64  HEAD_DIM=128  SEQ_LEN=2048  VOCAB=65536  DATA=fineweb  FINEWEB_SHARDS=240  TIE=
     TOK_CHARS=2000000000
     BASE_ITERS=21400  BASE_BATCH=32  BASE_TOTAL_BATCH=524288  BASE_EVAL_EVERY=250  BASE_EVAL_TOKENS=10485760  BASE_SAMPLE_EVERY=2000
-    SFT_MIXTURE=world2,world3,smoltalk,hotpotqa
+    SFT_CURRICULUM=world1+smoltalk,world2+world3+smoltalk+hotpotqa
     SFT_ITERS=2000  SFT_BATCH=16  SFT_EVAL_EVERY=200  SFT_EVAL_EXAMPLES=200
     RL_CURRICULUM=world2,world3,world4
     RL_ITERS=300  RL_PROMPTS=16  RL_SAMPLES=16  RL_MAX_NEW_TOKENS=128  RL_EVAL_EVERY=50  RL_EVAL_EXAMPLES=200
@@ -257,9 +259,9 @@ stage base base_checkpoints \
     launch -m scripts.base_train --depth "$DEPTH" --aspect-ratio "$ASPECT" --head-dim "$HEAD_DIM" \
     --block-pattern "$BLOCK_PATTERN" --max-seq-len "$SEQ_LEN" --data "$DATA" --num-iterations "$BASE_ITERS" \
     --device-batch-size "$BASE_BATCH" --total-batch-size "$BASE_TOTAL_BATCH" --eval-every "$BASE_EVAL_EVERY" \
-    --eval-tokens "$BASE_EVAL_TOKENS" --sample-every "$BASE_SAMPLE_EVERY" --model-tag "$TAG"
+    --eval-tokens "$BASE_EVAL_TOKENS" --sample-every "$BASE_SAMPLE_EVERY" --model-tag "$TAG" $TIE
 stage sft chatsft_checkpoints \
-    launch -m scripts.chat_sft --model-tag "$TAG" --block-pattern "$BLOCK_PATTERN" --mixture "$SFT_MIXTURE" \
+    launch -m scripts.chat_sft --model-tag "$TAG" --block-pattern "$BLOCK_PATTERN" --curriculum "$SFT_CURRICULUM" \
     --num-iterations "$SFT_ITERS" --device-batch-size "$SFT_BATCH" --eval-every "$SFT_EVAL_EVERY" \
     --eval-examples "$SFT_EVAL_EXAMPLES"
 stage rl chatrl_checkpoints \
