@@ -33,6 +33,14 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+def sum_over_ranks(values, device):
+    """Element-wise sum of a list of numbers over all DDP ranks (the list itself without DDP)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if is_ddp():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
 def autodetect_device_type():
     if torch.cuda.is_available():
         return "cuda"

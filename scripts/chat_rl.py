@@ -17,9 +17,8 @@ import argparse
 from collections import deque
 
 import torch
-import torch.distributed as dist
 
-from nanochat.common import compute_init, compute_cleanup, print0, init_wandb, autocast_ctx, die
+from nanochat.common import compute_init, compute_cleanup, print0, init_wandb, autocast_ctx, die, sum_over_ranks
 from nanochat.checkpoint_manager import load_model, save_checkpoint, checkpoint_dir, find_model_tag
 from nanochat.optim import setup_optimizers, step_optimizers, all_reduce_grads
 from nanochat.sft_data import add_kb_flags, build_task, parse_mixture, parse_curriculum
@@ -81,14 +80,6 @@ print0(f"RL of {args.source}/{model_tag} ({model.config.block_pattern}); curricu
 # fine-tuning uses base_train's default learning rates scaled by --lr-frac
 optimizers = setup_optimizers(model, 0.02 * args.lr_frac, 0.2 * args.lr_frac, 0.004 * args.lr_frac, 0.004 * args.lr_frac)
 pad_id = tokenizer.encode_special("<|assistant_end|>")
-
-
-def mean_over_ranks(values):
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if ddp:
-        dist.all_reduce(t)
-        t /= world_size
-    return t.tolist()
 
 
 def evaluate(step):
@@ -155,9 +146,10 @@ while True:
     n = len(samples)
     searches = sum(s["searches"] for s in samples)
     recall = [s["gold_recall"] for s in samples if s["gold_recall"] == s["gold_recall"]]
-    stats = mean_over_ranks([sum(s["reward"] for s in samples) / n, sum(s["em"] for s in samples) / n, searches / n,
-                             sum(s["valid_searches"] for s in samples) / max(searches, 1),
-                             sum(recall) / max(len(recall), 1), sum(s["length"] for s in samples) / n])
+    per_rank = [sum(s["reward"] for s in samples) / n, sum(s["em"] for s in samples) / n, searches / n,
+                sum(s["valid_searches"] for s in samples) / max(searches, 1),
+                sum(recall) / max(len(recall), 1), sum(s["length"] for s in samples) / n]
+    stats = [v / world_size for v in sum_over_ranks(per_rank, device)]   # means over ranks
     reward, em, per_q, valid_rate, gold_recall, length = stats
     recent_em.append(em)
     print0(f"step {step:4d}/{args.num_iterations} | stage {stage} | reward {reward:.3f} | EM {em:.3f} | "

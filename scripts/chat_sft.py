@@ -23,10 +23,9 @@ import argparse
 from collections import deque
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from nanochat.common import compute_init, compute_cleanup, print0, init_wandb, autocast_ctx, die
+from nanochat.common import compute_init, compute_cleanup, print0, init_wandb, autocast_ctx, die, sum_over_ranks
 from nanochat.checkpoint_manager import load_model, save_checkpoint, checkpoint_dir, find_model_tag
 from nanochat.optim import setup_optimizers, step_optimizers, all_reduce_grads
 from nanochat.sft_data import add_kb_flags, build_mixture, build_task, packed_batches, parse_mixture, \
@@ -90,13 +89,15 @@ optimizers = setup_optimizers(model, 0.02 * args.lr_frac, 0.2 * args.lr_frac, 0.
 
 # data
 def stage_batches(stage):
-    # each stage streams its own examples (seed per stage): a task kept from the previous stage shows new ones
-    task = build_mixture(stages[stage], args, "train", seed=args.seed + 1000 * stage)
+    task = stage_tasks[stage]
     print0(f"curriculum stage {stage}: {'+'.join(f'{n}:{w}' for n, w in stages[stage])} ({len(task):,} examples)")
     return packed_batches(task, tokenizer, args.device_batch_size, seq_len, rank, world_size, device)
 
 
 try:
+    # every stage built now, so a bad task name or KB fails before training; each stage streams its
+    # own examples (seed per stage): a task kept from the previous stage shows new ones
+    stage_tasks = [build_mixture(items, args, "train", seed=args.seed + 1000 * k) for k, items in enumerate(stages)]
     batches = stage_batches(0)
     eval_tasks = {name: build_task(name, args, "heldout") for name, _ in parse_mixture(args.eval_mixture)}
 except (ValueError, FileNotFoundError, RuntimeError) as e:
@@ -131,13 +132,6 @@ def evaluate(step):
     print0(f"step {step:5d} | held-out " + " | ".join(
         f"{n}: EM {record[n + '/em']:.3f} loss {record[n + '/answer_loss']:.3f}" for n in eval_tasks))
     return record
-
-
-def sum_over_ranks(values):
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if ddp:
-        dist.all_reduce(t)
-    return t.tolist()
 
 
 def lr_multiplier(step):
@@ -181,7 +175,7 @@ while True:
     train_time += dt
     step += 1
     supervised = int((y >= 0).sum())
-    right, total = sum_over_ranks([right, total])
+    right, total = sum_over_ranks([right, total], device)
     batch_em = right / max(total, 1)
     recent_em.append(batch_em)
     print0(f"step {step:5d}/{args.num_iterations} | stage {stage} | loss {loss_value:.4f} | batch EM {batch_em:.3f} | lrm {lrm:.2f} | "

@@ -76,7 +76,7 @@ def test_bad_input_errors(base_dir, parquet_dir, tmp_path):
     p = run_module("scripts.base_train", *TINY, "--data", parquet_dir, "--resume-from-step", "999", "--model-tag", "t1",
                    base_dir=base_dir)
     one_line_error(p, "step 999")
-    p = run_module("scripts.chat_cli", "--source", "sft", "-p", "hi", base_dir=base_dir)
+    p = run_module("scripts.chat_cli", "--source", "sft", "-p", "hi", base_dir=str(tmp_path))   # an empty base dir: other test files add SFT checkpoints to the shared one
     one_line_error(p, "no sft checkpoints")
     # a truncated checkpoint file
     ckpt = os.path.join(base_dir, "base_checkpoints", "broken")
