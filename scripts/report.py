@@ -163,17 +163,26 @@ else:
 ax2.set(title="pretraining validation", xlabel="step", ylabel="bits per byte")
 plot_base = save(fig, "pretrain.png")
 
-# SFT: training loss, then held-out EM and answer loss
-sft_loss = parse_log("sft", r"^step\s+(\d+)/\d+ \| loss ([\d.]+)")
-fig, (ax,) = new_figure(1)
-if sft_loss:
-    ax.plot([r[0] for r in sft_loss], [r[1] for r in sft_loss])
+# SFT: training loss and batch EM (curriculum stage changes marked), then held-out EM and answer loss
+sft_metrics = read_jsonl("chatsft_checkpoints", args.model_tag, "metrics.jsonl")
+sft_train = [r for r in sft_metrics if "train/loss" in r]
+fig, (ax1, ax2) = new_figure(2)
+if sft_train:
+    ax1.plot(*series(sft_train, "train/loss"))
+    ax1.set_yscale("log")
+    ax2.plot(*series(sft_train, "train/batch_em"))
+    for prev, r in zip(sft_train, sft_train[1:]):
+        if r.get("stage") != prev.get("stage"):   # the curriculum moved on
+            for ax in (ax1, ax2):
+                ax.axvline(r["step"], color="gray", linestyle=":")
+            ax2.text(r["step"], 0.02, f" stage {r['stage']}", color="gray", fontsize=8, rotation=90, va="bottom")
 else:
-    no_data(ax, "SFT loss")
-ax.set(title="SFT training loss (assistant tokens)", xlabel="step", ylabel="loss")
+    no_data(ax1, "SFT loss")
+    no_data(ax2, "SFT batch EM")
+ax1.set(title="SFT training loss (assistant tokens)", xlabel="step", ylabel="loss")
+ax2.set(title="SFT: teacher-forced EM of each training batch", xlabel="step", ylabel="EM", ylim=(-0.02, 1.02))
 plot_sft_loss = save(fig, "sft_loss.png")
 
-sft_metrics = read_jsonl("chatsft_checkpoints", args.model_tag, "metrics.jsonl")
 fig, (ax1, ax2) = new_figure(2)
 for task in eval_tasks(sft_metrics):
     ax1.plot(*series(sft_metrics, f"{task}/em"), marker="o", label=TASK_LABEL.get(task, task))
