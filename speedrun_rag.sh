@@ -62,14 +62,15 @@ fi
 if [ "$MODE" = cpu ]; then
     # embedded offline data (a generated knowledge world), a 4-layer width-128 model with tied
     # embeddings (untied, it never learned to copy names from documents), both cores. SFT is a
-    # curriculum: one document, then distractors, then 2-hop search, then 3-hop; RL on 2-hop.
+    # curriculum: one document, then distractors, then 2-hop search, then 3-hop; it is kept short
+    # (450 steps) and RL on 2-hop with the model's own searches does the rest.
     DEPTH=4  ASPECT=32  HEAD_DIM=32  SEQ_LEN=512  VOCAB=2048  DATA=embedded  FINEWEB_SHARDS=0  TIE=--tie-embeddings
     TOK_CHARS=5000000
     BASE_ITERS=300  BASE_BATCH=8  BASE_TOTAL_BATCH=-1  BASE_EVAL_EVERY=100  BASE_EVAL_TOKENS=65536  BASE_SAMPLE_EVERY=0
     SFT_CURRICULUM=world1,world2+world1,world3:2+world2+world1,world3:2+world4+world2+world1
-    SFT_ITERS=1200  SFT_BATCH=8  SFT_EVAL_EVERY=200  SFT_EVAL_EXAMPLES=40
-    RL_CURRICULUM=world3+world2
-    RL_ITERS=40  RL_PROMPTS=6  RL_SAMPLES=8  RL_MAX_NEW_TOKENS=48  RL_EVAL_EVERY=20  RL_EVAL_EXAMPLES=60
+    SFT_ITERS=450  SFT_BATCH=8  SFT_EVAL_EVERY=90  SFT_EVAL_EXAMPLES=40
+    RL_CURRICULUM=world3  RL_ADVANTAGE=grpo  RL_LR_FRAC=0.3
+    RL_ITERS=200  RL_PROMPTS=8  RL_SAMPLES=8  RL_MAX_NEW_TOKENS=48  RL_EVAL_EVERY=50  RL_EVAL_EXAMPLES=60
     EVAL_EXAMPLES=100  EVAL_MAX_NEW_TOKENS=64
     NPROC="${NPROC:-1}"
 elif [ "$MODE" = smoke ]; then
@@ -79,7 +80,7 @@ elif [ "$MODE" = smoke ]; then
     BASE_ITERS=20  BASE_BATCH=4  BASE_TOTAL_BATCH=-1  BASE_EVAL_EVERY=10  BASE_EVAL_TOKENS=2048  BASE_SAMPLE_EVERY=0
     SFT_CURRICULUM=world1,world2+world1,world3:2+world2+world1,world3:2+world4+world2+world1
     SFT_ITERS=10  SFT_BATCH=4  SFT_EVAL_EVERY=5  SFT_EVAL_EXAMPLES=4
-    RL_CURRICULUM=world3+world2
+    RL_CURRICULUM=world3  RL_ADVANTAGE=grpo  RL_LR_FRAC=0.3
     RL_ITERS=3  RL_PROMPTS=2  RL_SAMPLES=2  RL_MAX_NEW_TOKENS=16  RL_EVAL_EVERY=2  RL_EVAL_EXAMPLES=4
     EVAL_EXAMPLES=4  EVAL_MAX_NEW_TOKENS=16
     NPROC="${NPROC:-1}"
@@ -92,7 +93,7 @@ elif [ "$MODE" = gpu ]; then
     BASE_ITERS=21400  BASE_BATCH=32  BASE_TOTAL_BATCH=524288  BASE_EVAL_EVERY=250  BASE_EVAL_TOKENS=10485760  BASE_SAMPLE_EVERY=2000
     SFT_CURRICULUM=world1+smoltalk,world2+world3+smoltalk+hotpotqa
     SFT_ITERS=2000  SFT_BATCH=16  SFT_EVAL_EVERY=200  SFT_EVAL_EXAMPLES=200
-    RL_CURRICULUM=world2,world3,world4
+    RL_CURRICULUM=world2,world3,world4  RL_ADVANTAGE=grpo  RL_LR_FRAC=0.1
     RL_ITERS=300  RL_PROMPTS=16  RL_SAMPLES=16  RL_MAX_NEW_TOKENS=128  RL_EVAL_EVERY=50  RL_EVAL_EXAMPLES=200
     EVAL_EXAMPLES=500  EVAL_MAX_NEW_TOKENS=128
     NPROC="${NPROC:-$NUM_GPUS}"
@@ -267,7 +268,8 @@ stage sft chatsft_checkpoints \
 stage rl chatrl_checkpoints \
     launch -m scripts.chat_rl --model-tag "$TAG" --block-pattern "$BLOCK_PATTERN" --curriculum "$RL_CURRICULUM" \
     --num-iterations "$RL_ITERS" --prompts-per-step "$RL_PROMPTS" --num-samples "$RL_SAMPLES" \
-    --max-new-tokens "$RL_MAX_NEW_TOKENS" --eval-every "$RL_EVAL_EVERY" --eval-examples "$RL_EVAL_EXAMPLES"
+    --advantage "$RL_ADVANTAGE" --lr-frac "$RL_LR_FRAC" --max-new-tokens "$RL_MAX_NEW_TOKENS" \
+    --eval-every "$RL_EVAL_EVERY" --eval-examples "$RL_EVAL_EXAMPLES"
 stage kb kb \
     build_heldout_kb
 stage eval eval \
