@@ -26,7 +26,7 @@ DOCS = [
 ]
 
 
-def make_tiny_chat(root, tokenizer):
+def make_tiny_chat(root, tokenizer, sequence_len=256):
     """A NANOCHAT_BASE_DIR with a tokenizer and an untrained 2-layer 'sft' checkpoint, plus a bm25 KB.
     The weights are nudged so the model only ever samples word-like tokens (never a stop or tool
     token): answers are gibberish, but they always stream some text, which is what the tests check."""
@@ -36,7 +36,7 @@ def make_tiny_chat(root, tokenizer):
     base, kb = os.path.join(root, "base"), os.path.join(root, "kb")
     tokenizer.save(os.path.join(base, "tokenizer"))
     V = tokenizer.get_vocab_size()
-    config = GPTConfig(sequence_len=256, vocab_size=V, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+    config = GPTConfig(sequence_len=sequence_len, vocab_size=V, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
     torch.manual_seed(0)
     model = GPT(config)
     model.init_weights()
