@@ -1,14 +1,16 @@
 """
-CPU benchmarks for the Mamba-2 mixer (nanochat/mamba.py). One function per table; each prints a
+Benchmarks for the Mamba-2 mixer (nanochat/mamba.py). One function per table; each prints a
 markdown table.
 
     python -m bench.bench_mamba                      # all tables, all cores
     python -m bench.bench_mamba --threads 1 --tables scan
+    python -m bench.bench_mamba --tables kernels     # on a GPU with mamba_ssm installed
 
 Tables:
   scan   chunked SSD scan vs the token-by-token recurrence, forward and forward+backward
          (the issue's targets: >= 5x forward, >= 10x forward+backward)
   mixer  the whole Mamba2Mixer (projections, conv, scan, gated norm) in tokens/s
+  kernels  CUDA only: the mixer on mamba_ssm's kernels vs the reference path, same weights
 Times are the minimum over repeats (the least disturbed run); on a shared machine expect +-30%.
 """
 import argparse
@@ -112,7 +114,56 @@ def mixer_table(configs=((128, 512, 16), (256, 512, 16), (128, 1024, 8)), d_stat
         print(f"| {d_model} | {L} | {batch} | {n / f:,.0f} | {n / fb:,.0f} | {fb * 1e3:.0f} |", flush=True)
 
 
-TABLES = {"scan": scan_table, "mixer": mixer_table}
+def kernel_table(configs=((768, 2048, 8), (1024, 4096, 4)), d_state=128, headdim=64, chunk_size=256):
+    """The mixer on mamba_ssm's kernels vs the reference path, on the same weights and inputs.
+    Speed under bf16 autocast (how training runs); max abs difference of the outputs in fp32."""
+    import nanochat.mamba as mamba
+    if not (torch.cuda.is_available() and mamba.HAVE_MAMBA_KERNELS):
+        print("\n### Kernels: skipped (needs a CUDA device and mamba_ssm; see README, GPU install)")
+        return
+    print(f"\n### Mamba2Mixer on {torch.cuda.get_device_name()}: kernels vs reference, d_state {d_state}, "
+          f"headdim {headdim}, chunk {chunk_size}\n")
+    print("| d_model | L | batch | ref fwd tok/s | kernel fwd tok/s | ref fwd+bwd tok/s | kernel fwd+bwd tok/s "
+          "| fwd+bwd speedup | max abs diff (fp32) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    forced = mamba.FORCE_REFERENCE
+    try:
+        for d_model, L, batch in configs:
+            torch.manual_seed(0)
+            m = Mamba2Mixer(d_model, d_state=d_state, headdim=headdim, chunk_size=chunk_size).cuda()
+            x = torch.randn(batch, L, d_model, device="cuda")
+            xg = x.clone().requires_grad_()
+
+            def synced(fn):
+                def run():
+                    fn()
+                    torch.cuda.synchronize()
+                return run
+
+            def fwd():
+                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                    m(x)
+
+            def fwd_bwd():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    y = m(xg)
+                y.float().square().mean().backward()
+            times, outputs = {}, {}
+            for path, force in (("reference", True), ("kernels", False)):
+                mamba.FORCE_REFERENCE = force
+                times[path] = (best_time(synced(fwd), repeats=10), best_time(synced(fwd_bwd), repeats=10))
+                with torch.no_grad():
+                    outputs[path] = m(x)
+            n = batch * L
+            (rf, rb), (kf, kb) = times["reference"], times["kernels"]
+            diff = (outputs["reference"] - outputs["kernels"]).abs().max().item()
+            print(f"| {d_model} | {L} | {batch} | {n / rf:,.0f} | {n / kf:,.0f} | {n / rb:,.0f} | {n / kb:,.0f} "
+                  f"| {rb / kb:.1f}× | {diff:.1e} |", flush=True)
+    finally:
+        mamba.FORCE_REFERENCE = forced
+
+
+TABLES = {"scan": scan_table, "mixer": mixer_table, "kernels": kernel_table}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
