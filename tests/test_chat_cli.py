@@ -69,13 +69,15 @@ def read_until(fd, needle, timeout=60):
 
 def test_interactive_in_a_terminal_with_ctrl_c(tmp_path, tokenizer):
     # a long context and a long answer: the tiny model streams for seconds, so Ctrl-C lands mid-answer
-    # even on a fast idle machine (with 200 tokens it could finish before the signal arrived)
     base, kb = make_tiny_chat(str(tmp_path), tokenizer, sequence_len=4096)
     env = dict(os.environ, NANOCHAT_BASE_DIR=base, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TERM="dumb")
     master, slave = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_cli", "--kb", kb, "--device-type", "cpu",
                              "--max-tokens", "4000"],
-                            cwd=REPO, env=env, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+                            cwd=REPO, env=env, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                            # as a terminal's foreground job: when pytest itself runs as a background job
+                            # (`cmd &` in a script), SIGINT is ignored and children would inherit that
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     os.close(slave)
     try:
         read_until(master, "User: ")
