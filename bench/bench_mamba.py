@@ -126,6 +126,12 @@ def kernel_table(configs=((768, 2048, 8), (1024, 4096, 4)), d_state=128, headdim
     print("| d_model | L | batch | ref fwd tok/s | kernel fwd tok/s | ref fwd+bwd tok/s | kernel fwd+bwd tok/s "
           "| fwd+bwd speedup | max abs diff (fp32) |")
     print("|---|---|---|---|---|---|---|---|---|")
+
+    def synced(fn):   # CUDA runs asynchronously: time until the work is done, not until it is queued
+        def run():
+            fn()
+            torch.cuda.synchronize()
+        return run
     forced = mamba.FORCE_REFERENCE
     try:
         for d_model, L, batch in configs:
@@ -133,12 +139,6 @@ def kernel_table(configs=((768, 2048, 8), (1024, 4096, 4)), d_state=128, headdim
             m = Mamba2Mixer(d_model, d_state=d_state, headdim=headdim, chunk_size=chunk_size).cuda()
             x = torch.randn(batch, L, d_model, device="cuda")
             xg = x.clone().requires_grad_()
-
-            def synced(fn):
-                def run():
-                    fn()
-                    torch.cuda.synchronize()
-                return run
 
             def fwd():
                 with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
