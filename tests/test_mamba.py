@@ -333,26 +333,6 @@ def test_gpu_kernels_match_reference(ngroups):
 
 
 @gpu
-def test_gpu_kernel_speed_vs_reference():
-    """Not a pass/fail speed test: prints the kernel vs reference times (pytest -s) for the README."""
-    m = make_mixer(1, d_model=256, d_state=64, headdim=32, chunk_size=64).cuda()
-    x = torch.randn(8, 1024, 256, device="cuda", requires_grad=True)
-    for reference in (True, False):
-        def fwd_bwd():
-            m(x).square().mean().backward()
-        run_path(m, reference, fwd_bwd)  # warmup (Triton autotuning)
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(10):
-            run_path(m, reference, fwd_bwd)
-        end.record()
-        torch.cuda.synchronize()
-        ms = start.elapsed_time(end) / 10
-        print(f"\nmixer fwd+bwd d_model=256 L=1024 B=8 {'reference' if reference else 'kernels'}: {ms:.2f} ms, {8 * 1024 / ms * 1e3:,.0f} tok/s")
-
-
-@gpu
 def test_gpu_weights_round_trip_with_mamba_ssm():
     pytest.importorskip("causal_conv1d")  # mamba_ssm's Mamba2.forward needs it (fused path and its fallback)
     from mamba_ssm.modules.mamba2 import Mamba2
