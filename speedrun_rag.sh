@@ -62,29 +62,33 @@ fi
 # run exercises each flag the GPU run uses; only the numbers differ.
 # =================================================================================================
 if [ "$MODE" = cpu ]; then
-    # embedded offline data (a generated knowledge world), a 4-layer width-128 model with tied
-    # embeddings (untied, it never learned to copy names from documents), both cores. SFT is a
-    # curriculum: one document, then distractors, then 2-hop search, then 3-hop; it is kept short
-    # (450 steps) and RL on 2-hop with the model's own searches does the rest.
-    DEPTH=4  ASPECT=32  HEAD_DIM=32  SEQ_LEN=512  VOCAB=2048  DATA=embedded  FINEWEB_SHARDS=0  TIE=--tie-embeddings
+    # offline data: the generated knowledge world mixed half and half with real English found on
+    # the machine (docstrings of the installed packages, /usr/share/doc), so the tokenizer and the
+    # model know real words. A 4-layer width-128 model with tied embeddings (untied, it never
+    # learned to copy names from documents), both cores. SFT is a curriculum: one document, then
+    # distractors, then 2-hop search, then 3-hop, with reading drills (real-English schemas in many
+    # document shapes) from the second stage on so the skill is reading, not this world's four
+    # templates (a stage moves on when its first task, a world level, is learned);
+    # RL on 2-hop with the model's own searches (and some drills) does the rest.
+    DEPTH=4  ASPECT=32  HEAD_DIM=32  SEQ_LEN=512  VOCAB=4096  DATA=embedded:1+realtext:1+reading:1  FINEWEB_SHARDS=0  TIE=--tie-embeddings
     TOK_CHARS=5000000
     BASE_ITERS=300  BASE_BATCH=8  BASE_TOTAL_BATCH=-1  BASE_EVAL_EVERY=100  BASE_EVAL_TOKENS=65536  BASE_SAMPLE_EVERY=0
-    SFT_CURRICULUM=world1,world2+world1,world3:2+world2+world1,world3:2+world4+world2+world1
-    SFT_ITERS=450  SFT_BATCH=8  SFT_EVAL_EVERY=90  SFT_EVAL_EXAMPLES=40
-    RL_CURRICULUM=world3  RL_ADVANTAGE=grpo  RL_LR_FRAC=0.3
+    SFT_CURRICULUM=world1,world2:0.5+world1:0.2+read1:0.3,world3:0.4+world2:0.15+read1:0.2+read3:0.25,world3:0.35+world4:0.2+world2:0.1+read1:0.1+read2:0.1+read3:0.15
+    SFT_ITERS=1200  SFT_BATCH=8  SFT_EVAL_EVERY=200  SFT_EVAL_EXAMPLES=40  SFT_ADVANCE_EM=0.9
+    RL_CURRICULUM=world3:0.7+read1:0.3  RL_ADVANTAGE=grpo  RL_LR_FRAC=0.3
     RL_ITERS=200  RL_PROMPTS=8  RL_SAMPLES=8  RL_MAX_NEW_TOKENS=48  RL_EVAL_EVERY=50  RL_EVAL_EXAMPLES=60
-    EVAL_EXAMPLES=100  EVAL_MAX_NEW_TOKENS=64
+    EVAL_EXAMPLES=100  EVAL_MAX_NEW_TOKENS=64  TRANSFER_QUESTIONS=100
     NPROC="${NPROC:-1}"
 elif [ "$MODE" = smoke ]; then
     # toy sizes: checks that every stage runs and the report builds, in a couple of minutes
-    DEPTH=2  ASPECT=32  HEAD_DIM=32  SEQ_LEN=256  VOCAB=2048  DATA=embedded  FINEWEB_SHARDS=0  TIE=--tie-embeddings
+    DEPTH=2  ASPECT=32  HEAD_DIM=32  SEQ_LEN=256  VOCAB=2048  DATA=embedded:1+realtext:1+reading:1  FINEWEB_SHARDS=0  TIE=--tie-embeddings
     TOK_CHARS=300000
     BASE_ITERS=20  BASE_BATCH=4  BASE_TOTAL_BATCH=-1  BASE_EVAL_EVERY=10  BASE_EVAL_TOKENS=2048  BASE_SAMPLE_EVERY=0
-    SFT_CURRICULUM=world1,world2+world1,world3:2+world2+world1,world3:2+world4+world2+world1
-    SFT_ITERS=10  SFT_BATCH=4  SFT_EVAL_EVERY=5  SFT_EVAL_EXAMPLES=4
-    RL_CURRICULUM=world3  RL_ADVANTAGE=grpo  RL_LR_FRAC=0.3
+    SFT_CURRICULUM=world1,world2:0.5+world1:0.2+read1:0.3,world3:0.4+world2:0.15+read1:0.2+read3:0.25,world3:0.35+world4:0.2+world2:0.1+read1:0.1+read2:0.1+read3:0.15
+    SFT_ITERS=10  SFT_BATCH=4  SFT_EVAL_EVERY=5  SFT_EVAL_EXAMPLES=4  SFT_ADVANCE_EM=0.9
+    RL_CURRICULUM=world3:0.7+read1:0.3  RL_ADVANTAGE=grpo  RL_LR_FRAC=0.3
     RL_ITERS=3  RL_PROMPTS=2  RL_SAMPLES=2  RL_MAX_NEW_TOKENS=16  RL_EVAL_EVERY=2  RL_EVAL_EXAMPLES=4
-    EVAL_EXAMPLES=4  EVAL_MAX_NEW_TOKENS=16
+    EVAL_EXAMPLES=4  EVAL_MAX_NEW_TOKENS=16  TRANSFER_QUESTIONS=4
     NPROC="${NPROC:-1}"
 elif [ "$MODE" = gpu ]; then
     # nanochat d20 class (~560M parameters, Chinchilla-style 20 tokens per parameter = ~11B
@@ -93,11 +97,11 @@ elif [ "$MODE" = gpu ]; then
     DEPTH=20  ASPECT=64  HEAD_DIM=128  SEQ_LEN=2048  VOCAB=65536  DATA=fineweb  FINEWEB_SHARDS=240  TIE=
     TOK_CHARS=2000000000
     BASE_ITERS=21400  BASE_BATCH=32  BASE_TOTAL_BATCH=524288  BASE_EVAL_EVERY=250  BASE_EVAL_TOKENS=10485760  BASE_SAMPLE_EVERY=2000
-    SFT_CURRICULUM=world1+smoltalk,world2+world3+smoltalk+hotpotqa
-    SFT_ITERS=2000  SFT_BATCH=16  SFT_EVAL_EVERY=200  SFT_EVAL_EXAMPLES=200
+    SFT_CURRICULUM=world1+read1+smoltalk,world2+world3+read3+smoltalk+hotpotqa
+    SFT_ITERS=2000  SFT_BATCH=16  SFT_EVAL_EVERY=200  SFT_EVAL_EXAMPLES=200  SFT_ADVANCE_EM=0.9
     RL_CURRICULUM=world2,world3,world4  RL_ADVANTAGE=grpo  RL_LR_FRAC=0.1
     RL_ITERS=300  RL_PROMPTS=16  RL_SAMPLES=16  RL_MAX_NEW_TOKENS=128  RL_EVAL_EVERY=50  RL_EVAL_EXAMPLES=200
-    EVAL_EXAMPLES=500  EVAL_MAX_NEW_TOKENS=128
+    EVAL_EXAMPLES=500  EVAL_MAX_NEW_TOKENS=128  TRANSFER_QUESTIONS=500
     NPROC="${NPROC:-$NUM_GPUS}"
     if [ "$NPROC" -lt 1 ]; then echo "error: --gpu, but nvidia-smi lists no GPU" >&2; exit 1; fi
 else
@@ -254,6 +258,22 @@ evaluate() {
     done
 }
 
+# Zero-shot reading of real documents: KBs and questions made from text on this machine
+# (kb_tools.machine_qa: HTTP status codes, errno, ISO country and currency codes, /etc/services,
+# man pages; none of it is ever training text), the RL model with and without retrieval.
+transfer() {
+    local dir="$RUN_DIR/transfer" qa name
+    "$PY" -m kb_tools.machine_qa --out "$dir/data" --max-questions "$1"
+    for qa in "$dir"/data/*_qa.jsonl; do
+        name=$(basename "$qa" _qa.jsonl)
+        "$PY" -m kb_tools.build_kb --input "$dir/data/${name}_kb.jsonl" --out "$dir/kb_$name" --retrievers bm25 --no-progress
+        "$PY" -m scripts.chat_eval --source rl --model-tag "$TAG" --block-pattern "$BLOCK_PATTERN" --qa "$qa" \
+            --kb "$dir/kb_$name" --num-examples "$1" --max-new-tokens 32 --show 0 --json-out "$dir/$name.json"
+        "$PY" -m scripts.chat_eval --source rl --model-tag "$TAG" --block-pattern "$BLOCK_PATTERN" --qa "$qa" \
+            --no-retrieval --num-examples "$1" --max-new-tokens 32 --show 0 --json-out "$dir/${name}_noretrieval.json"
+    done
+}
+
 # =================================================================================================
 # The pipeline
 # =================================================================================================
@@ -271,7 +291,7 @@ stage base base_checkpoints \
 stage sft chatsft_checkpoints \
     launch -m scripts.chat_sft --model-tag "$TAG" --block-pattern "$BLOCK_PATTERN" --curriculum "$SFT_CURRICULUM" \
     --num-iterations "$SFT_ITERS" --device-batch-size "$SFT_BATCH" --eval-every "$SFT_EVAL_EVERY" \
-    --eval-examples "$SFT_EVAL_EXAMPLES"
+    --eval-examples "$SFT_EVAL_EXAMPLES" --advance-em "$SFT_ADVANCE_EM"
 stage rl chatrl_checkpoints \
     launch -m scripts.chat_rl --model-tag "$TAG" --block-pattern "$BLOCK_PATTERN" --curriculum "$RL_CURRICULUM" \
     --num-iterations "$RL_ITERS" --prompts-per-step "$RL_PROMPTS" --num-samples "$RL_SAMPLES" \
@@ -281,6 +301,8 @@ stage kb kb \
     build_heldout_kb
 stage eval eval \
     evaluate --num-examples "$EVAL_EXAMPLES" --max-new-tokens "$EVAL_MAX_NEW_TOKENS"
+stage transfer transfer \
+    transfer "$TRANSFER_QUESTIONS"
 stage report report \
     "$PY" -m scripts.report --run-dir "$RUN_DIR" --model-tag "$TAG" --mode "$MODE" --nproc "$NPROC"
 

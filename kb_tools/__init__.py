@@ -1,4 +1,4 @@
-"""Knowledge-base commands: python -m kb_tools.build_kb | search_kb | eval_retrieval (--help on each)."""
+"""Knowledge-base commands: python -m kb_tools.build_kb | search_kb | eval_retrieval | make_qa | machine_qa (--help on each)."""
 import sys
 
 

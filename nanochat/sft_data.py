@@ -8,6 +8,7 @@ rendered shorter by render_conversation, which trims documents first). seq_idx n
 conversations in a row so attention and Mamba state never cross from one to the next, and
 targets are -1 wherever the render mask is 0 (user turns, documents, tool output, padding).
 """
+import math
 from collections import deque
 
 import torch
@@ -23,6 +24,8 @@ def add_kb_flags(parser):
     parser.add_argument("--retriever", default="bm25", help="simple | bm25 | dense | hybrid")
     parser.add_argument("--embedding-model", default=None, help="dense/hybrid: must be the model the KB was built with (checked)")
     parser.add_argument("--top-k", type=int, default=3, help="documents per retrieval (knowledge-world levels fix their own)")
+    parser.add_argument("--qa-heldout-frac", type=float, default=0.2,
+                        help="--qa: share of the documents whose questions are held out (never trained on); 0 = train on every question")
 
 
 def build_task(name, args, split, seed=None):
@@ -37,12 +40,19 @@ def build_task(name, args, split, seed=None):
             return world_task(level, "train", retriever=args.retriever, num_examples=args.stream_examples,
                               seed=args.seed if seed is None else seed)
         return world_task(level, "heldout", retriever=args.retriever, num_examples=args.eval_examples)
+    if name in ("read1", "read2", "read3"):
+        from tasks.reading import reading_task
+        if split == "train":
+            return reading_task(int(name[4:]), "train", args.stream_examples, args.seed if seed is None else seed)
+        return reading_task(int(name[4:]), "heldout", args.eval_examples)
     if name == "qa":
         from tasks.jsonl_qa import JsonlQA
         if not (args.qa and args.kb):
             raise ValueError("the 'qa' mixture entry needs --qa FILE.jsonl and --kb KB_DIR")
         retriever = open_kb(args.kb, args.retriever, args.embedding_model)
-        base = JsonlQA(args.qa)
+        frac = getattr(args, "qa_heldout_frac", 0)
+        # split by document: held-out questions are about documents no training question touches
+        base = JsonlQA(args.qa, split=split if frac > 0 else None, heldout_frac=frac)
         return MultiHopRAGTask(base, retriever, args.top_k) if args.multihop else RAGTask(base, retriever, args.top_k)
     train = split == "train"
     if name == "smoltalk":
@@ -60,7 +70,7 @@ def build_task(name, args, split, seed=None):
     if name == "hotpotqa":
         from tasks.hotpotqa import HotpotQA
         return MultiHopRAGTask(HotpotQA(split="train" if train else "validation"), args.retriever, args.top_k)
-    raise ValueError(f"unknown task {name!r} in --mixture (world1..world4, qa, smoltalk, gsm8k, arc, mmlu, hotpotqa)")
+    raise ValueError(f"unknown task {name!r} in --mixture (world1..world4, read1..read3, qa, smoltalk, gsm8k, arc, mmlu, hotpotqa)")
 
 
 def open_kb(kb_dir, retriever, embedding_model=None):
@@ -71,22 +81,28 @@ def open_kb(kb_dir, retriever, embedding_model=None):
 
 
 def parse_mixture(spec):
-    """'world2:2,world3' -> [('world2', 2), ('world3', 1)]"""
+    """'world2:3,world3' -> [('world2', 0.75), ('world3', 0.25)]. A weight is a proportion of the
+    examples drawn (no weight = 1), whatever the tasks' sizes; the weights are normalised to sum 1."""
     items = []
     for item in spec.split(","):
-        name, _, weight = item.strip().partition(":")
+        entry = item.strip()
+        name, _, weight = entry.partition(":")
+        if not name:
+            raise ValueError(f"mixture entry {entry!r}: expected name[:weight]")
         try:
-            w = int(weight) if weight else 1
+            w = float(weight) if weight else 1.0
         except ValueError:
-            raise ValueError(f"--mixture weight must be an integer, got {item!r}") from None
-        if not name or w < 1:
-            raise ValueError(f"--mixture entries look like name[:weight>=1], got {item!r}")
+            w = math.nan
+        if not 0 < w < math.inf:   # also false for nan
+            raise ValueError(f"mixture entry {entry!r}: the weight must be a positive number "
+                             f"(a proportion: qa:1+world2:3 draws 25% qa, 75% world2)")
         items.append((name, w))
-    return items
+    total = sum(w for _, w in items)
+    return [(name, w / total) for name, w in items]
 
 
 def parse_curriculum(spec):
-    """'world1,world2+world1:2' -> [[('world1', 1)], [('world2', 1), ('world1', 2)]]: stages of mixtures."""
+    """'world1,world2+world1:3' -> [[('world1', 1.0)], [('world2', 0.25), ('world1', 0.75)]]: stages of mixtures."""
     stages = [parse_mixture(stage.replace("+", ",")) for stage in spec.split(",") if stage.strip()]
     if not stages:
         raise ValueError("--curriculum needs at least one stage")
@@ -94,12 +110,9 @@ def parse_curriculum(spec):
 
 
 def build_mixture(items, args, split="train", seed=None):
-    """A TaskMixture of parsed (name, weight) items."""
-    tasks = []
-    for name, weight in items:
-        task = build_task(name, args, split, seed)
-        tasks += [task] * weight   # oversample by listing a task again
-    return TaskMixture(tasks)
+    """A TaskMixture of parsed (name, weight) items: each task takes its weight's share of the draws."""
+    tasks = [build_task(name, args, split, seed) for name, _ in items]
+    return TaskMixture(tasks, [w for _, w in items], seed=args.seed if seed is None else seed)
 
 
 def conversation_exact_match(logits, targets, seq_idx):
@@ -120,23 +133,27 @@ def render(tokenizer, example, max_tokens):
 
 
 def packed_batches(task, tokenizer, batch_size, seq_len, rank=0, world_size=1, device="cpu", buffer_size=32):
-    """Endless (x, y, seq_idx) batches from a task; rank r reads examples r, r+W, ..."""
+    """Endless (x, y, seq_idx, source) batches from a task; rank r reads examples r, r+W, ...
+    source (B, T) is the mixture's child task of each token's conversation (0 for a plain task,
+    -1 on padding), so a trainer can measure each task's share of a batch on its own."""
     bos = tokenizer.get_bos_token_id()
     row_len = seq_len + 1
     buffer = deque()
     index = rank
+    task_index = getattr(task, "task_index_at", lambda i: 0)
 
     def refill():
         nonlocal index
         while len(buffer) < buffer_size:
-            ids, mask = render(tokenizer, task[index % len(task)], row_len)
-            buffer.append((ids, mask))
+            i = index % len(task)
+            ids, mask = render(tokenizer, task[i], row_len)
+            buffer.append((ids, mask, task_index(i)))
             index += world_size
 
     while True:
-        xs, ys, seqs = [], [], []
+        xs, ys, seqs, sources = [], [], [], []
         for _ in range(batch_size):
-            ids, mask, seq = [], [], []
+            ids, mask, seq, source = [], [], [], []
             n_conv = 0
             while True:
                 refill()
@@ -145,19 +162,23 @@ def packed_batches(task, tokenizer, batch_size, seq_len, rank=0, world_size=1, d
                            key=lambda k: len(buffer[k][0]), default=None)
                 if best is None:
                     break
-                conv_ids, conv_mask = buffer[best]
+                conv_ids, conv_mask, conv_source = buffer[best]
                 del buffer[best]
                 ids += conv_ids
                 mask += conv_mask
                 seq += [n_conv] * len(conv_ids)
+                source += [conv_source] * len(conv_ids)
                 n_conv += 1
             pad = row_len - len(ids)
             ids += [bos] * pad
             mask += [0] * pad
             seq += [n_conv] * pad
+            source += [-1] * pad
             t = torch.tensor(ids)
             m = torch.tensor(mask)
             xs.append(t[:-1])
             ys.append(torch.where(m[1:] == 1, t[1:], torch.full_like(t[1:], -1)))
             seqs.append(torch.tensor(seq[:-1]))
-        yield (torch.stack(xs).to(device), torch.stack(ys).to(device), torch.stack(seqs).to(device))
+            sources.append(torch.tensor(source[1:]))   # aligned with the targets
+        yield (torch.stack(xs).to(device), torch.stack(ys).to(device), torch.stack(seqs).to(device),
+               torch.stack(sources).to(device))

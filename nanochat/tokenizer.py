@@ -10,8 +10,11 @@ Every piece of text in a conversation is encoded with one leading space (Sentenc
 L|er|a while "in Lera" ends in |Ler|a. With the prefix a name is the same tokens in a
 document, a question, a search and an answer, and reading becomes a plain token copy (a tiny
 model copied every field but names, whose first token it had to re-spell, before this).
+Inside a document every line that starts with a visible character gets the same prefix, so a value at the
+start of a line (a list item, a table row, a record) is the tokens an answer would be.
 """
 import os
+import re
 import copy
 import json
 import base64
@@ -19,6 +22,8 @@ import base64
 import tiktoken
 
 from nanochat.common import get_base_dir, atomic_write_text
+
+LINE_START = re.compile(r"\n(?=[^\s])")   # a line break before a line that starts with a visible character
 
 SPECIAL_TOKENS = [
     "<|bos|>",              # every document / conversation starts with it
@@ -136,7 +141,7 @@ class Tokenizer:
         """The body of one document block: '[n] title' on the first line, then the text."""
         title = (doc.get("title") or "").strip()
         head = f"[{number}] {title}".rstrip()
-        return self.encode(f"{head}\n") + self.encode_text(doc.get("text", ""))
+        return self.encode(f"{head}\n") + self.encode_text(LINE_START.sub("\n ", doc.get("text", "")))
 
     def render_documents(self, documents, first_number=1, max_doc_tokens=DEFAULT_MAX_DOC_TOKENS):
         """Token ids of document blocks, numbered from first_number. The Engine uses this to

@@ -34,7 +34,9 @@ parser.add_argument("--max-seq-len", type=int, default=1024, help="context lengt
 parser.add_argument("--tie-embeddings", action="store_true",
                     help="one matrix for token embedding and output head (small models copy names from documents far sooner)")
 # data
-parser.add_argument("--data", default="embedded", help="'embedded' (offline generated corpus), 'fineweb' or a directory of parquet files")
+parser.add_argument("--data", default="embedded",
+                    help="'embedded' (offline generated corpus), 'realtext' (docstrings and docs on this machine), 'fineweb', "
+                         "a directory of parquet files, or a mix such as 'embedded:3+realtext:1' (proportions by documents)")
 # optimisation
 parser.add_argument("--num-iterations", type=int, default=1000, help="optimizer steps")
 parser.add_argument("--device-batch-size", type=int, default=8, help="sequences per forward pass per process")

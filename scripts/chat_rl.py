@@ -21,7 +21,7 @@ import torch
 from nanochat.common import compute_init, compute_cleanup, print0, init_wandb, autocast_ctx, die, sum_over_ranks
 from nanochat.checkpoint_manager import load_model, save_checkpoint, checkpoint_dir, find_model_tag
 from nanochat.optim import setup_optimizers, step_optimizers, all_reduce_grads
-from nanochat.sft_data import add_kb_flags, build_task, parse_mixture, parse_curriculum
+from nanochat.sft_data import add_kb_flags, build_mixture, build_task, parse_mixture, parse_curriculum
 from nanochat.rollout import rollout, rl_batch, policy_gradient_loss, evaluate_task
 
 parser = argparse.ArgumentParser(description="RL with the model's own searches: rewards from its generated answers")
@@ -30,9 +30,10 @@ parser.add_argument("--model-tag", default=None, help="model tag (default: the l
 parser.add_argument("--block-pattern", default=None, help="refuse a checkpoint whose block pattern differs (safety check)")
 # tasks and curriculum
 parser.add_argument("--curriculum", default="world2,world3,world4",
-                    help="comma list of stages, each a '+'-joined mixture of task[:weight] (as chat_sft's), e.g. 'world2,world3+world2'; "
-                         "training moves to the next stage when rollout EM over the last --advance-window steps "
-                         "reaches --advance-em (a single stage = no curriculum)")
+                    help="comma list of stages, each a '+'-joined mixture of task[:weight] (as chat_sft's), e.g. 'world2,world3:3+world2'; "
+                         "a weight is the task's proportion of the prompts whatever the tasks' sizes (normalised, default 1: "
+                         "world3:3+world2 = 75%% world3); training moves to the next stage when rollout EM over the last "
+                         "--advance-window steps reaches --advance-em (a single stage = no curriculum)")
 parser.add_argument("--advance-em", type=float, default=0.8, help="rollout EM that moves the curriculum on")
 parser.add_argument("--advance-window", type=int, default=10, help="steps averaged for --advance-em")
 add_kb_flags(parser)
@@ -50,7 +51,8 @@ parser.add_argument("--lr-frac", type=float, default=0.1, help="learning rates a
 # evaluation, output
 parser.add_argument("--eval-every", type=int, default=25, help="held-out EM every N steps (0: only at the end)")
 parser.add_argument("--eval-examples", type=int, default=60, help="held-out examples per evaluation")
-parser.add_argument("--eval-mixture", default="world2,world3", help="held-out tasks")
+parser.add_argument("--eval-mixture", default="world2,world3",
+                    help="comma list of held-out tasks, each evaluated on its own (names as in --curriculum; a :weight is checked, not used)")
 parser.add_argument("--device-type", default="", help="cuda | mps | cpu (default: autodetect)")
 parser.add_argument("--run", default="dummy", help="wandb run name ('dummy' disables wandb)")
 args = parser.parse_args()
@@ -71,8 +73,8 @@ try:
     model_tag = args.model_tag or find_model_tag(args.source)
     model, tokenizer, meta = load_model(args.source, device, phase="train", model_tag=model_tag,
                                         expect_block_pattern=args.block_pattern)
-    # each stage: its tasks listed by weight; prompts take them in turn (so rewards come from the owning task)
-    stage_tasks = [[build_task(name, args, "train") for name, w in stage for _ in range(w)] for stage in stages]
+    # each stage: one weighted mixture; a prompt is scored by the task it came from (TaskMixture.task_at)
+    stage_tasks = [build_mixture(stage, args, "train") for stage in stages]
     eval_tasks = {name: build_task(name, args, "heldout") for name, _ in parse_mixture(args.eval_mixture)}
 except (FileNotFoundError, ValueError, RuntimeError) as e:
     die(str(e))
@@ -98,7 +100,6 @@ if master:
     os.makedirs(ckpt_dir, exist_ok=True)
     open(metrics_path, "w").close()
 stage, stage_start, recent_em = 0, 0, deque(maxlen=args.advance_window)
-cursor = {}   # next example index of each task for this rank
 train_time, step = 0.0, 0
 while True:
     last = step == args.num_iterations
@@ -115,10 +116,10 @@ while True:
     model.eval()
     samples, advantages = [], []
     for k in range(args.prompts_per_step):
-        task = stage_tasks[stage][(step * args.prompts_per_step + k) % len(stage_tasks[stage])]
-        i = cursor.get(id(task), rank)
-        cursor[id(task)] = i + world_size
-        example = task[i % len(task)]
+        # prompts of all ranks take the stage's draws in turn: a function of (step, k, rank), no cursor
+        mixture = stage_tasks[stage]
+        i = (((step - stage_start) * args.prompts_per_step + k) * world_size + rank) % len(mixture)
+        task, example = mixture.task_at(i), mixture[i]
         _, group = rollout(model, tokenizer, task, example, args.num_samples, args.temperature, None,
                            args.max_new_tokens, seed=hash((args.seed, step, rank, k)) & 0x7FFFFFFF,
                            max_searches=args.max_searches, keep_stop=True)
@@ -164,7 +165,7 @@ while True:
                                 "train/length": length, "stage": stage}) + "\n")
     if (stage + 1 < len(stages) and len(recent_em) == args.advance_window
             and sum(recent_em) / len(recent_em) >= args.advance_em):
-        stage += 1
+        stage, stage_start = stage + 1, step
         recent_em.clear()
         print0(f"curriculum: rollout EM reached {args.advance_em:.2f}, moving to stage {stage} ({'+'.join(n for n, _ in stages[stage])})")
 

@@ -3,16 +3,22 @@ Supervised fine-tuning from a base checkpoint, on a mixture of tasks that can in
 multi-hop REFRAG conversations. Retrieval is data here, not a different trainer.
 
     python -m scripts.chat_sft                                          # offline default: the knowledge-world curriculum
-    python -m scripts.chat_sft --curriculum qa --qa my_qa.jsonl --kb my_kb --retriever bm25
+    python -m scripts.chat_sft --source sft --kb my_kb --qa my_qa.jsonl  # your own documents (see below)
     torchrun --standalone --nproc_per_node=2 -m scripts.chat_sft -- --num-iterations 100
 
 The loss covers only what the assistant writes (answers, search queries); documents, user turns
 and tool output are context. Training follows a curriculum of mixtures: it moves to the next
-stage when the model already gets --advance-em of the conversations it is about to train on
-right (every token argmax-correct, measured on the batch before its update: fresh examples, so
-an honest estimate). A tiny model on a CPU that met several documents before it could copy
+stage when the model already gets --advance-em of the stage's first task's conversations it is
+about to train on right (every token argmax-correct, measured on the batch before its update:
+fresh examples, so an honest estimate; the other tasks of a stage ride along). A tiny model on a CPU that met several documents before it could copy
 from one never learned either. Held-out answer loss and EM are logged to metrics.jsonl next to
 the checkpoint, for plots.
+
+Your own documents: with --qa and no --curriculum the run is qa:0.5+read1:0.25+read3:0.25 (your questions and
+fresh reading drills in every batch, so the model keeps reading instead of memorising your
+answers), a fifth of your documents' questions are held out (split by document: held-out
+questions are about documents no training question touches), held-out EM picks the checkpoint
+(early stopping), and the last line gives held-out EM with and without retrieval.
 """
 import os
 import json
@@ -34,14 +40,23 @@ from nanochat.rollout import evaluate_task
 
 parser = argparse.ArgumentParser(description="Supervised fine-tuning on chat / RAG / multi-hop search conversations")
 parser.add_argument("--source", default="base", choices=["base", "sft"], help="checkpoint to start from")
-parser.add_argument("--model-tag", default=None, help="model tag to load and to save under (default: the latest base model)")
+parser.add_argument("--model-tag", default=None, help="model tag to load (default: the latest model of --source)")
+parser.add_argument("--out-tag", default=None, help="model tag to save under (default: the loaded tag; with --qa: <tag>_<KB directory name>, "
+                                                    "so the model it started from is kept)")
 parser.add_argument("--block-pattern", default=None, help="refuse a checkpoint whose block pattern differs (safety check)")
 # data
-parser.add_argument("--curriculum", default="world1,world2+world1,world3:2+world2,world3:2+world4+world2",
+WORLD_CURRICULUM = "world1,world2+world1,world3:2+world2,world3:2+world4+world2"
+OWN_DOCS_CURRICULUM = "qa:0.5+read1:0.25+read3:0.25"
+parser.add_argument("--curriculum", default=None,
                     help="comma list of stages, each a '+'-joined mixture of task[:weight]: world1..world4 (knowledge-world "
-                         "levels: 1 doc, distractors, 2-hop search, 3-hop), qa (needs --qa/--kb), smoltalk, gsm8k, arc, mmlu, "
-                         "hotpotqa (online). One stage = a plain mixture")
-parser.add_argument("--advance-em", type=float, default=0.9, help="teacher-forced EM of the training batches that moves to the next stage")
+                         "levels: 1 doc, distractors, 2-hop search, 3-hop), read1/read2/read3 (reading drills with "
+                         "real-English schemas: one rigid key: value record / one document of any shape / with distractors), qa (your --qa over --kb), smoltalk, "
+                         "gsm8k, arc, mmlu, hotpotqa (online). A weight is the task's proportion of the training examples "
+                         "whatever the tasks' sizes (normalised; default 1): qa:1+world2:3 = 25%% qa, 75%% world2. "
+                         f"One stage = a plain mixture. Default: {OWN_DOCS_CURRICULUM} with --qa, else {WORLD_CURRICULUM}")
+parser.add_argument("--advance-em", type=float, default=0.9,
+                    help="teacher-forced EM of the stage's first task in the training batches that moves to the next stage "
+                         "(the other tasks of a stage ride along: world2+read2 advances on world2)")
 parser.add_argument("--advance-window", type=int, default=20, help="steps averaged for --advance-em")
 add_kb_flags(parser)
 parser.add_argument("--stream-examples", type=int, default=200_000, help="examples per knowledge-world training stream")
@@ -55,15 +70,28 @@ parser.add_argument("--warmdown-ratio", type=float, default=0.3, help="fraction 
 # evaluation, output
 parser.add_argument("--eval-every", type=int, default=100, help="held-out loss and EM every N steps (0: only at the end)")
 parser.add_argument("--eval-examples", type=int, default=60, help="held-out examples per EM evaluation")
-parser.add_argument("--eval-mixture", default="world2,world3", help="comma list of held-out tasks for loss and EM (names as in --curriculum)")
+parser.add_argument("--eval-mixture", default=None,
+                    help="comma list of held-out tasks for loss and EM, each evaluated on its own (names as in --curriculum; "
+                         "a :weight is checked, not used). Default: qa (the held-out split of --qa) with --qa, else world2,world3")
+parser.add_argument("--patience", type=int, default=None,
+                    help="stop after this many evaluations without a better mean held-out EM, and keep the best one "
+                         "(default: 3 with --qa, 0 = off otherwise)")
 parser.add_argument("--device-type", default="", help="cuda | mps | cpu (default: autodetect)")
 parser.add_argument("--run", default="dummy", help="wandb run name ('dummy' disables wandb)")
 args = parser.parse_args()
+own_docs = args.qa is not None
+args.curriculum = args.curriculum or (OWN_DOCS_CURRICULUM if own_docs else WORLD_CURRICULUM)
+args.eval_mixture = args.eval_mixture or ("qa" if own_docs else "world2,world3")
+args.patience = (3 if own_docs else 0) if args.patience is None else args.patience
 user_config = vars(args).copy()
 if args.num_iterations <= 0 or args.device_batch_size <= 0:
     die("--num-iterations and --device-batch-size must be positive")
 if args.top_k <= 0:
     die(f"--top-k must be positive, got {args.top_k}")
+if not 0 <= args.qa_heldout_frac < 1 or args.patience < 0:
+    die("--qa-heldout-frac must be in [0, 1) and --patience >= 0")
+if own_docs and not args.kb:
+    die("--qa needs --kb KB_DIR (the knowledge base its questions are about)")
 try:
     stages = parse_curriculum(args.curriculum)
     parse_mixture(args.eval_mixture)
@@ -90,7 +118,7 @@ optimizers = setup_optimizers(model, 0.02 * args.lr_frac, 0.2 * args.lr_frac, 0.
 # data
 def stage_batches(stage):
     task = stage_tasks[stage]
-    print0(f"curriculum stage {stage}: {'+'.join(f'{n}:{w}' for n, w in stages[stage])} ({len(task):,} examples)")
+    print0(f"curriculum stage {stage}: {'+'.join(f'{n}:{w:.0%}' for n, w in stages[stage])} ({len(task):,} examples per pass)")
     return packed_batches(task, tokenizer, args.device_batch_size, seq_len, rank, world_size, device)
 
 
@@ -139,13 +167,15 @@ def lr_multiplier(step):
     return 1.0 if step < args.num_iterations - warmdown else (args.num_iterations - step) / max(warmdown, 1)
 
 
-ckpt_dir = checkpoint_dir("sft", model_tag)
+out_tag = args.out_tag or (f"{model_tag}_{os.path.basename(os.path.normpath(args.kb))}" if own_docs else model_tag)
+ckpt_dir = checkpoint_dir("sft", out_tag)
 metrics_path = os.path.join(ckpt_dir, "metrics.jsonl")
 if master:
     os.makedirs(ckpt_dir, exist_ok=True)
     open(metrics_path, "w").close()
 train_time, step, stage = 0.0, 0, 0
 recent_em = deque(maxlen=args.advance_window)
+best, evals_since_best = None, 0   # early stopping: (mean held-out EM, step, weights, record, answer loss)
 model.train()
 while True:
     last = step == args.num_iterations
@@ -155,15 +185,30 @@ while True:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         wandb_run.log(record)
+        if args.patience:
+            # better = higher mean EM; on a tie (small eval sets tie often), lower held-out answer loss
+            em = sum(record[f"{n}/em"] for n in eval_tasks) / len(eval_tasks)
+            loss = sum(record[f"{n}/answer_loss"] for n in eval_tasks) / len(eval_tasks)
+            if best is None or (em, -loss) > (best[0], -best[4]):
+                best = (em, step, {k: v.detach().clone() for k, v in model.state_dict().items()}, record, loss)
+                evals_since_best = 0
+            else:
+                evals_since_best += 1
+                if evals_since_best >= args.patience and not last:
+                    print0(f"early stop at step {step}: held-out EM has not beaten {best[0]:.3f} (step {best[1]}) "
+                           f"for {args.patience} evaluations")
+                    last = True
     if last:
         break
     t0 = time.time()
-    x, y, seq_idx = next(batches)
+    x, y, seq_idx, source = next(batches)
     with autocast_ctx(device):
         logits = model(x, seq_idx=seq_idx)
     loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1)
     loss.backward()
-    right, total = conversation_exact_match(logits.detach(), y, seq_idx)
+    # teacher-forced EM of each task of the stage on this batch (fresh examples: an honest estimate)
+    names = [name for name, _ in stages[stage]]
+    counts = [n for t in range(len(names)) for n in conversation_exact_match(logits.detach(), torch.where(source == t, y, -1), seq_idx)]
     all_reduce_grads(model)
     lrm = lr_multiplier(step)
     step_optimizers(optimizers, lrm)
@@ -175,26 +220,51 @@ while True:
     train_time += dt
     step += 1
     supervised = int((y >= 0).sum())
-    right, total = sum_over_ranks([right, total], device)
-    batch_em = right / max(total, 1)
-    recent_em.append(batch_em)
-    print0(f"step {step:5d}/{args.num_iterations} | stage {stage} | loss {loss_value:.4f} | batch EM {batch_em:.3f} | lrm {lrm:.2f} | "
-           f"{supervised} supervised tokens | {dt * 1000:.0f} ms | total {train_time / 60:.2f} min")
-    wandb_run.log({"step": step, "train/loss": loss_value, "train/lrm": lrm, "train/batch_em": batch_em, "train/stage": stage})
+    counts = sum_over_ranks(counts, device)
+    rights, totals = counts[0::2], counts[1::2]
+    batch_em = sum(rights) / max(sum(totals), 1)
+    task_em = {name: r / t for name, r, t in zip(names, rights, totals) if t}
+    if totals[0]:
+        recent_em.append(rights[0] / totals[0])   # the stage's first task decides when to move on
+    per_task = f" ({', '.join(f'{n} {e:.2f}' for n, e in task_em.items())})" if len(names) > 1 else ""
+    print0(f"step {step:5d}/{args.num_iterations} | stage {stage} | loss {loss_value:.4f} | batch EM {batch_em:.3f}{per_task} | "
+           f"lrm {lrm:.2f} | {supervised} supervised tokens | {dt * 1000:.0f} ms | total {train_time / 60:.2f} min")
+    train_record = {"step": step, "time_min": train_time / 60, "train/loss": loss_value, "train/batch_em": batch_em,
+                    "stage": stage, **{f"train/em/{n}": e for n, e in task_em.items()}}
+    wandb_run.log({**train_record, "train/lrm": lrm})
     if master:
         with open(metrics_path, "a") as f:
-            f.write(json.dumps({"step": step, "time_min": train_time / 60, "train/loss": loss_value,
-                                "train/batch_em": batch_em, "stage": stage}) + "\n")
+            f.write(json.dumps(train_record) + "\n")
     if (stage + 1 < len(stages) and len(recent_em) == args.advance_window
             and sum(recent_em) / len(recent_em) >= args.advance_em):
         stage += 1
         recent_em.clear()
-        print0(f"curriculum: batch EM reached {args.advance_em:.2f} at step {step}")
+        print0(f"curriculum: {names[0]} reached batch EM {args.advance_em:.2f} at step {step}")
         batches = stage_batches(stage)
 
+if best is not None and best[1] != step:
+    print0(f"keeping step {best[1]}: best mean held-out EM {best[0]:.3f}")
+    model.load_state_dict(best[2])
+    step, record = best[1], best[3]
 meta_out = {"model_config": model.config.to_dict(), "user_config": user_config, "step": step, "phase": "sft", "stage": stage,
             "base": {"source": args.source, "model_tag": model_tag}, "heldout": record, "train_time_min": train_time / 60}
 save_checkpoint(ckpt_dir, step, model.state_dict(), None, meta_out, rank)
 print0(f"saved {ckpt_dir} step {step}")
+
+if own_docs and "qa" in eval_tasks:
+    # the whole held-out split, with and without the documents: what the model learned to read
+    heldout = eval_tasks["qa"]
+    model.eval()
+    n = min(len(heldout), 500)
+    with_docs, _ = evaluate_task(model, tokenizer, heldout, n)
+    without_docs, _ = evaluate_task(model, tokenizer, heldout, n, retrieval=False)
+    if master:
+        with open(os.path.join(ckpt_dir, "heldout_qa.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in heldout.base.rows)
+    num_docs = len({d for row in heldout.base.rows[:n] for d in row["supporting_ids"]})
+    print0(f"held-out questions in {ckpt_dir}/heldout_qa.jsonl; evaluate them again with: python -m scripts.chat_eval "
+           f"--source sft --model-tag {out_tag} --kb {args.kb} --qa {ckpt_dir}/heldout_qa.jsonl")
+    print0(f"own documents: held-out EM {with_docs['em']:.3f} with retrieval, {without_docs['em']:.3f} without "
+           f"({n} questions about {num_docs} documents no training question was about; step {step})")
 wandb_run.finish()
 compute_cleanup()

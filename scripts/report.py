@@ -39,7 +39,7 @@ if not os.path.isdir(run_dir):
     sys.exit(f"error: no run directory {run_dir}")
 plot_dir = os.path.join(run_dir, "report")
 os.makedirs(plot_dir, exist_ok=True)
-STAGES = ["data", "tokenizer", "base", "sft", "rl", "kb", "eval", "report"]
+STAGES = ["data", "tokenizer", "base", "sft", "rl", "kb", "eval", "transfer", "report"]
 
 
 # -----------------------------------------------------------------------------
@@ -246,6 +246,23 @@ summary = [
 ]
 for what, with_r, without_r in summary:
     out(f"- Held-out {what}: EM **{pct(with_r)}** with retrieval, {pct(without_r)} without.")
+
+
+def transfer_results():
+    """(name, with retrieval, without) per real-text QA set of the transfer stage."""
+    folder = os.path.join(run_dir, "transfer")
+    names = sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".json") and not f.endswith("_noretrieval.json")) \
+        if os.path.isdir(folder) else []
+    return [(n, read_json("transfer", f"{n}.json"), read_json("transfer", f"{n}_noretrieval.json")) for n in names]
+
+
+transfer = transfer_results()
+if transfer:
+    em = [(w["metrics"]["em"], o["metrics"]["em"] if o else None) for _, w, o in transfer]
+    mean_with = sum(a for a, _ in em) / len(em)
+    mean_without = sum(b for _, b in em if b is not None) / max(1, sum(b is not None for _, b in em))
+    out(f"- Transfer, real documents never seen (mean of {len(em)} sets made from text on this machine, RL model): "
+        f"EM **{pct(mean_with)}** with retrieval, {pct(mean_without)} without.")
 out("")
 out("Held-out means entities whose names never occur in any training text: without documents the model "
     "can only guess, so the gap between the two columns is what reading retrieved documents is worth.")
@@ -380,6 +397,22 @@ for source in ("sft", "rl"):
             m = result["metrics"]
             out(f"| {source} | {task} | {'yes' if retrieval else 'no'} | {pct(m['em'])} | {pct(m['f1'])} | "
                 f"{pct(m.get('gold_recall'))} | {m.get('searches', float('nan')):.2f} | {m['n']} |")
+out("")
+
+out("## Transfer: real documents the model has never seen")
+out("")
+if transfer:
+    out("Knowledge bases and questions made at run time from text on this machine by `kb_tools.machine_qa` "
+        "(never training text), BM25 top 3, the RL model, greedy:")
+    out("")
+    out("| set | documents shown: EM | F1 | gold-doc recall | no retrieval: EM | questions |")
+    out("|---|---|---|---|---|---|")
+    for name, with_r, without_r in transfer:
+        m = with_r["metrics"]
+        out(f"| `{name}` | {pct(m['em'])} | {pct(m['f1'])} | {pct(m.get('gold_recall'))} | "
+            f"{pct(without_r['metrics']['em'] if without_r else None)} | {m['n']} |")
+else:
+    out("No transfer results yet (`transfer/*.json`).")
 out("")
 
 out("## Sample conversations")

@@ -8,7 +8,9 @@ other keys (letters, answers, hops, ...) ride along for evaluation.
 import os
 from abc import ABC, abstractmethod
 import glob
+import math
 import random
+from fractions import Fraction
 
 from nanochat.common import get_base_dir, UserError
 
@@ -60,32 +62,124 @@ class Task(ABC):
 
 
 PREFETCH_WINDOW = 256   # mixtures tell their tasks this many upcoming examples at a time
+MAX_BLOCK = 10_000      # weights in no simple ratio are rounded to multiples of 1/MAX_BLOCK
+
+
+def block_quotas(weights):
+    """Draws per block of a weighted mixture, one whole number per weight: the weights' own
+    ratio when it is a simple one (1:3 -> [1, 3]; 0.5, 0.3, 0.2 -> [5, 3, 2]), else shares of
+    MAX_BLOCK, at least one each (a task that was asked for is never rounded away)."""
+    if not weights or not all(0 < w < math.inf for w in weights):
+        raise ValueError(f"mixture weights must be positive numbers, got {list(weights)}")
+    total = sum(weights)
+    shares = [Fraction(w / total).limit_denominator(MAX_BLOCK) for w in weights]
+    block = math.lcm(*(s.denominator for s in shares))
+    if all(shares) and sum(shares) == 1 and block <= MAX_BLOCK:
+        return [int(s * block) for s in shares]
+    return [max(1, round(w / total * MAX_BLOCK)) for w in weights]
 
 
 class TaskMixture(Task):
-    """Examples of several tasks, shuffled together deterministically. To oversample a task,
-    list it more than once. Walking a mixture in order prefetches each child task's upcoming
-    examples in blocks, so retrieval-backed tasks get batched queries even though the
-    shuffle makes their own indices arrive in random order."""
+    """Examples of several tasks in one deterministic stream.
 
-    def __init__(self, tasks, **kwargs):
+    Without weights: every example of every task once, shuffled together with Random(seed).
+
+    With weights (proportions, normalised): each task takes its weight's share of the draws
+    whatever its size, so 439 questions mixed 1:1 with a 200,000-example stream are half of
+    what is trained on. Draws come in blocks holding exactly block_quotas(weights) draws of
+    each task, so over any prefix a task's count is off its share by less than its quota (1:3
+    -> blocks of 4). Within a block the order is a fresh seeded shuffle, not a fixed
+    interleaving: ranks read draws r, r+W, ..., and from t0,t1,t0,t1 two ranks would each see
+    one task only. Task t's j-th draw is step j % n of its pass j // n, each pass a new seeded
+    shuffle of its n examples: a small task shows every example before any twice, in a new
+    order each pass; a large one is a shuffled walk it never finishes. Everything is a function
+    of the index (no cursors), so ranks and resumed runs agree. len() is one epoch: the fewest
+    draws in which every task shows each of its examples (a loader wrapping at len repeats it).
+
+    Walking a mixture in order prefetches each child task's upcoming examples in blocks, so
+    retrieval-backed tasks get batched queries even though their indices arrive shuffled."""
+
+    def __init__(self, tasks, weights=None, seed=42, **kwargs):
         super().__init__(**kwargs)
-        self.tasks = tasks
-        self.index_map = [(t, i) for t, task in enumerate(tasks) for i in range(len(task))]
-        random.Random(42).shuffle(self.index_map)
+        self.tasks, self.seed = tasks, seed
         self._window = range(0)   # physical indices whose prefetch hint was already given
+        if weights is None:
+            self.index_map = [(t, i) for t, task in enumerate(tasks) for i in range(len(task))]
+            random.Random(seed).shuffle(self.index_map)
+            return
+        if len(weights) != len(tasks):
+            raise ValueError(f"a mixture of {len(tasks)} tasks needs {len(tasks)} weights, got {len(weights)}")
+        for t, task in enumerate(tasks):
+            if len(task) == 0:
+                raise ValueError(f"task {t} of the mixture ({type(task).__name__}) has no examples")
+        self.index_map = None
+        self.quotas = block_quotas(weights)
+        self.block = sum(self.quotas)
+        self._blocks = {}                     # block -> (task of each draw, its count within the block)
+        self._perms = [{} for _ in tasks]     # per task: pass -> order of its examples
+        self.total = 1 + max(self._draw_index(t, len(task) - 1) for t, task in enumerate(tasks))
 
     @property
     def eval_type(self):
         return "generative"
 
     def num_examples(self):
-        return len(self.index_map)
+        return len(self.index_map) if self.index_map is not None else self.total
+
+    def _block_order(self, b):
+        if b not in self._blocks:
+            order = [t for t, q in enumerate(self.quotas) for _ in range(q)]
+            random.Random(f"{self.seed}-block-{b}").shuffle(order)
+            seen, rank = [0] * len(self.quotas), []
+            for t in order:
+                rank.append(seen[t])
+                seen[t] += 1
+            if len(self._blocks) >= 8:
+                del self._blocks[next(iter(self._blocks))]   # the oldest: walks go forward
+            self._blocks[b] = (order, rank)
+        return self._blocks[b]
+
+    def _permutation(self, t, p):
+        """Order in which task t's pass p walks its examples (two passes kept per task)."""
+        cache = self._perms[t]
+        if p not in cache:
+            perm = list(range(len(self.tasks[t])))
+            random.Random(f"{self.seed}-{t}-{p}").shuffle(perm)
+            if len(cache) >= 2:
+                del cache[min(cache)]
+            cache[p] = perm
+        return cache[p]
+
+    def _draw_index(self, t, j):
+        """The physical index of task t's j-th draw."""
+        b, r = divmod(j, self.quotas[t])
+        order, rank = self._block_order(b)
+        pos = next(k for k in range(self.block) if order[k] == t and rank[k] == r)
+        return b * self.block + pos
+
+    def _locate(self, index):
+        """(task, index within that task) of a physical index."""
+        if self.index_map is not None:
+            return self.index_map[index]
+        b, pos = divmod(index, self.block)
+        order, rank = self._block_order(b)
+        t = order[pos]
+        j = b * self.quotas[t] + rank[pos]           # task t's j-th draw
+        p, k = divmod(j, len(self.tasks[t]))         # step k of its pass p
+        return t, self._permutation(t, p)[k]
+
+    def task_index_at(self, index):
+        """Which child task (its position in the mixture) example `index` comes from."""
+        return self._locate(self.physical_index(index))[0]
+
+    def task_at(self, index):
+        """The child task example `index` comes from (RL scores an answer with its own task)."""
+        return self.tasks[self.task_index_at(index)]
 
     def _prefetch_physical(self, indices):
         by_task = {}
         for i in indices:
-            t, local = self.index_map[i]
+            t, local = self._locate(i)
             by_task.setdefault(t, []).append(local)
         for t, local in by_task.items():
             self.tasks[t].prefetch(local)
@@ -95,9 +189,9 @@ class TaskMixture(Task):
 
     def get_example(self, index):
         if index not in self._window:
-            self._window = range(index, min(index + PREFETCH_WINDOW, len(self.index_map)))
+            self._window = range(index, min(index + PREFETCH_WINDOW, self.num_examples()))
             self._prefetch_physical(self._window)
-        t, local = self.index_map[index]
+        t, local = self._locate(index)
         return self.tasks[t][local]
 
 

@@ -6,6 +6,7 @@ needs them, for multi-hop questions) are optional and name documents of a KB bui
 `python -m kb_tools.build_kb`. An optional "queries" list gives the search to write for each hop. Wrap it in tasks.rag.RAGTask / MultiHopRAGTask to retrieve.
 """
 import json
+import zlib
 
 from tasks.common import Task
 from nanochat.common import UserError
@@ -48,13 +49,47 @@ def read_qa_jsonl(path):
     return rows
 
 
-class JsonlQA(Task):
-    """metric: 'em' (exact match) or 'f1', used by evaluate and by the reward's answer term."""
+def split_by_document(rows, heldout_frac, seed=0):
+    """(train rows, held-out rows): whole documents are held out, so every held-out question is
+    about documents no training question touches. A document is held out by a seeded hash of its
+    id; a question goes to held-out if any of its documents is held out, and a question with no
+    supporting_ids is split by a hash of its text. A training question that shares any document
+    with a held-out one moves to held-out too, so the two sides never share a document."""
+    def held(key):
+        return zlib.crc32(f"{seed}-{key}".encode()) % 10_000 < heldout_frac * 10_000
 
-    def __init__(self, path, metric="em", **kwargs):
+    train, heldout = [], []
+    for row in rows:
+        ids = row["supporting_ids"] or row["hops"]
+        out = any(held(i) for i in ids) if ids else held(row["question"])
+        (heldout if out else train).append(row)
+    def docs(row):
+        return set(row["supporting_ids"] + row["hops"])
+
+    while True:   # multi-document questions can chain: move until nothing is shared
+        heldout_docs = set().union(*map(docs, heldout)) if heldout else set()
+        moved = [row for row in train if docs(row) & heldout_docs]
+        if not moved:
+            return train, heldout
+        train = [row for row in train if not docs(row) & heldout_docs]
+        heldout += moved
+
+
+class JsonlQA(Task):
+    """metric: 'em' (exact match) or 'f1', used by evaluate and by the reward's answer term.
+    split: None (every question), or 'train' / 'heldout' of split_by_document(heldout_frac)."""
+
+    def __init__(self, path, metric="em", split=None, heldout_frac=0.2, seed=0, **kwargs):
         super().__init__(**kwargs)
         assert metric in ("em", "f1"), f"metric must be em or f1, got {metric!r}"
+        assert split in (None, "train", "heldout"), f"split must be None, train or heldout, got {split!r}"
         self.rows, self.metric = read_qa_jsonl(path), metric
+        if split is not None:
+            train, heldout = split_by_document(self.rows, heldout_frac, seed)
+            self.rows = train if split == "train" else heldout
+            if not self.rows:
+                raise UserError(f"{path}: the {split} split by document is empty ({len(train)} training, "
+                                f"{len(heldout)} held-out questions): the file needs questions about more documents")
 
     @property
     def eval_type(self):

@@ -73,6 +73,8 @@ def test_bad_input_errors(base_dir, parquet_dir, tmp_path):
     one_line_error(p, "--depth")
     p = run_module("scripts.base_train", *TINY, "--data", "nonsense", base_dir=base_dir)
     one_line_error(p, "--data")
+    p = run_module("scripts.base_train", *TINY, "--data", "embedded:x+realtext", base_dir=base_dir)
+    one_line_error(p, "--data", "not a number")
     p = run_module("scripts.base_train", *TINY, "--data", parquet_dir, "--resume-from-step", "999", "--model-tag", "t1",
                    base_dir=base_dir)
     one_line_error(p, "step 999")
@@ -98,6 +100,27 @@ def test_bad_input_errors(base_dir, parquet_dir, tmp_path):
     one_line_error(p, "empty")
     p = run_module("scripts.tok_train", "--data", str(tmp_path / "nope"), base_dir=tmp_path / "nc")
     one_line_error(p, "nope")
+
+
+def test_realtext_mix_end_to_end(tmp_path):
+    """--data embedded+realtext through tok_train (with its tokens-per-word report) and base_train, the
+    real text read only under $NANOCHAT_REALTEXT_ROOTS."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for k in range(300):   # enough files for a validation split (1 in 50: mod_200 and mod_266)
+        (corpus / f"mod_{k}.py").write_text(f'"""Module {k} reads the input file and counts the lines that were found '
+                                            f'in it, which is what the report at the end of the run shows."""\n')
+    env = {"NANOCHAT_REALTEXT_ROOTS": str(corpus)}
+    base = tmp_path / "nc"
+    out = check(run_module("scripts.tok_train", "--data", "embedded+realtext", "--vocab-size", "400",
+                           "--max-chars", "200000", base_dir=base, extra_env=env))
+    assert "tokens per word on realtext val" in out and "tokens per word on embedded val" in out
+    import json
+    report = json.load(open(base / "tokenizer" / "report.json"))
+    assert report["data"] == "embedded+realtext" and set(report["tokens_per_word"]) == {"embedded", "realtext"}
+    out = check(run_module("scripts.base_train", *TINY, "--data", "embedded:3+realtext:1", "--num-iterations", "4",
+                           "--model-tag", "mix", base_dir=base, extra_env=env))
+    assert sorted(step_losses(out)) == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("pattern", ["TTTT", "MMMM", "TMTM"])

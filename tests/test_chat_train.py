@@ -40,7 +40,8 @@ class ListTask:
 def test_packing_keeps_conversations_whole(tokenizer):
     convs = [{"messages": [{"role": "user", "content": "the cat " * n}, {"role": "assistant", "content": "sat " * n}]}
              for n in (1, 3, 5, 2, 8, 4)]
-    x, y, seq = next(packed_batches(ListTask(convs), tokenizer, 4, 48))
+    x, y, seq, source = next(packed_batches(ListTask(convs), tokenizer, 4, 48))
+    assert set(source.view(-1).tolist()) <= {0, -1}   # a plain task is source 0; -1 is padding
     bos = tokenizer.get_bos_token_id()
     for row_x, row_y, row_seq in zip(x.tolist(), y.tolist(), seq.tolist()):
         assert row_x[0] == bos   # every row starts at a conversation
@@ -169,3 +170,33 @@ def test_batch_exact_match_counts_whole_conversations():
     predicted = torch.tensor([[1, 2, 0, 3, 0], [0, 0, 0, 2, 0]])
     logits = torch.nn.functional.one_hot(predicted, 5).float()
     assert conversation_exact_match(logits, targets, seq_idx) == (2, 3)
+
+
+def test_sft_on_your_own_documents(trained_base, tmp_path):
+    """chat_sft --kb --qa with no other flag: qa and reading drills mixed, a held-out split by
+    document, early stopping, a checkpoint of its own, and held-out EM with and without retrieval."""
+    import sysconfig
+    colors = ["red", "blue", "green", "old", "new"]
+    docs = [{"id": f"d{i}", "title": f"city {i}", "text": f"name: city {i}\ncolor: {colors[i % 5]}\nking: king {i}"} for i in range(30)]
+    rows = [{"question": f"What is the {field} of city {i}?", "answers": [answer], "supporting_ids": [f"d{i}"]}
+            for i in range(30) for field, answer in (("color", colors[i % 5]), ("king", f"king {i}"))]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    check(run_module("kb_tools.build_kb", "--input", str(tmp_path / "docs.jsonl"), "--out", str(tmp_path / "mine"),
+                     "--retrievers", "bm25", base_dir=tmp_path))
+    # reading drills take their words from real text: a small stdlib package keeps the scan short
+    email = os.path.join(sysconfig.get_paths()["stdlib"], "email")
+    out = check(run_module("scripts.chat_sft", "--source", "base", "--model-tag", "tiny", "--kb", str(tmp_path / "mine"),
+                           "--qa", str(tmp_path / "qa.jsonl"), "--num-iterations", "6", "--eval-every", "2",
+                           "--eval-examples", "4", "--device-batch-size", "2", "--patience", "1",
+                           base_dir=trained_base, extra_env={"NANOCHAT_REALTEXT_ROOTS": email}))
+    assert "qa:50%+read1:25%+read3:25%" in out and "held-out eval: qa" in out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("own documents: held-out EM") and "with retrieval" in last and "without" in last, last
+    ckpt = os.path.join(trained_base, "chatsft_checkpoints", "tiny_mine")
+    heldout = [json.loads(l) for l in open(os.path.join(ckpt, "heldout_qa.jsonl"))]
+    heldout_docs = {d for r in heldout for d in r["supporting_ids"]}
+    train_docs = {r["supporting_ids"][0] for r in rows if r["question"] not in {h["question"] for h in heldout}}
+    assert heldout and train_docs and not heldout_docs & train_docs
+    meta = json.loads(open(sorted(f for f in (os.path.join(ckpt, n) for n in os.listdir(ckpt)) if "meta_" in f)[-1]).read())
+    assert meta["user_config"]["curriculum"] == "qa:0.5+read1:0.25+read3:0.25" and meta["step"] in (0, 2, 4, 6)

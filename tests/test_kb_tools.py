@@ -216,13 +216,45 @@ def test_txt_md_directories_and_duplicates(tmp_path):
     assert m.search("strangers", 1)[0].document.doc_id == os.path.join("sub", "copy.txt")
 
 
+def test_empty_documents_are_dropped_and_located(tmp_path):
+    """A big collection with a few empty entries builds (as Lucene would index it); the summary
+    says how many were dropped and where the first ones are."""
+    rows = [DOCS[0], {"id": "blank", "title": "Blank", "text": " \n "}, DOCS[1]] + [{"id": f"e{i}", "text": ""} for i in range(5)]
+    src = write_jsonl(tmp_path / "dict.jsonl", rows)
+    s = build_kb([src], str(tmp_path / "kb"), retrievers=["simple"], show_progress=False, log=lambda *a: None)
+    assert (s["docs"], s["empty"], s["duplicates"]) == (2, 6, 0)
+    assert s["empty_sources"] == [f"{src}:{n}" for n in (2, 4, 5, 6, 7)]   # the first five
+    with pytest.raises(KeyError):
+        RetrievalManager(str(tmp_path / "kb"), "simple").get("blank")
+    d = tmp_path / "notes"
+    d.mkdir()
+    (d / "cats.md").write_text("# Cats\n\nCats sleep.\n")
+    (d / "empty.txt").write_text("\n\n")
+    s = build_kb([str(d)], str(tmp_path / "kb2"), retrievers=["simple"], show_progress=False, log=lambda *a: None)
+    assert (s["docs"], s["empty"], s["empty_sources"]) == (1, 1, [str(d / "empty.txt")])
+    # through the CLI: the summary line and --json
+    one = write_jsonl(tmp_path / "one.jsonl", [DOCS[0], {"id": "x", "text": ""}, DOCS[2]])
+    proc = cli("build_kb", "--input", one, "--out", tmp_path / "kb3", "--retrievers", "simple", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert f"2 documents (2 new, 0 duplicates dropped, 1 empty dropped: {one}:2)" in proc.stdout
+    proc = cli("build_kb", "--input", one, "--out", tmp_path / "kb4", "--retrievers", "simple", "--no-progress", "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert (summary["docs"], summary["empty"], summary["empty_sources"]) == (2, 1, [f"{one}:2"])
+    # all empty: nothing to index is still a one-line error
+    blank = write_jsonl(tmp_path / "blank.jsonl", [{"id": "x", "text": ""}, {"id": "y", "text": " "}])
+    assert_one_line_error(cli("build_kb", "--input", blank, "--out", tmp_path / "kb5", "--no-progress"),
+                          "all 2 documents have empty text", f"{blank}:1")
+
+
 BAD_INPUTS = [
     ("malformed", b'{"id": "a", "text": "ok"}\n{"id": "b", "text": \n', ".jsonl", ":2: malformed JSON"),
     ("missing_text", b'{"id": "a", "text": "ok"}\n\n{"id": "b", "title": "t"}\n', ".jsonl", ":3: missing 'text'"),
     ("not_utf8", b'{"id": "a", "text": "ok"}\n{"id": "b", "text": "caf\xe9"}\n', ".jsonl", ":2: not valid UTF-8"),
     ("not_utf8_txt", b"fine line\nbad \xff byte\n", ".txt", ":2: not valid UTF-8"),
-    ("empty_doc", b'{"id": "a", "text": "ok"}\n{"id": "b", "title": "t", "text": "   "}\n', ".jsonl", ":2: document 'b' has empty text"),
-    ("empty_txt", b"  \n", ".md", ":1: empty document"),
+    ("text_not_string", b'{"id": "a", "text": "ok"}\n{"id": "b", "text": null}\n', ".jsonl", ":2: 'title' and 'text' must be strings"),
+    ("all_empty", b'{"id": "a", "text": ""}\n{"id": "b", "title": "t", "text": "  "}\n', ".jsonl", "all 2 documents have empty text"),
+    ("all_empty_txt", b"  \n", ".md", "all 1 documents have empty text"),
     ("empty_input", b"\n\n", ".jsonl", "no documents found"),
     ("not_object", b'["a", "b"]\n', ".jsonl", ":1: expected a JSON object"),
 ]

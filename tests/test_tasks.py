@@ -8,7 +8,7 @@ import json
 import pytest
 
 from nanochat.common import UserError
-from tasks.common import Task, TaskMixture, TaskSequence, hf_parquet_files
+from tasks.common import Task, TaskMixture, TaskSequence, block_quotas, hf_parquet_files
 from tasks.smoltalk import SmolTalk
 from tasks.mmlu import MMLU
 from tasks.arc import ARC
@@ -63,6 +63,72 @@ def test_mixture_is_deterministic_complete_and_prefetches():
     assert [value(again[i]) for i in range(12)] == [value(mix[i]) for i in range(12)]
     # walking the mixture told each child its upcoming examples, in one block
     assert sorted(a.hints[0]) == list(range(5)) and sorted(b.hints[0]) == list(range(7))
+
+
+def test_weighted_mixture_draws_proportions_whatever_the_sizes():
+    tasks = [Numbers(7), Numbers(1000), Numbers(100_000)]
+    mix = TaskMixture(tasks, [0.5, 0.3, 0.2], seed=3)
+    counts = [0, 0, 0]
+    for i in range(10_000):
+        counts[tasks.index(mix.task_at(i))] += 1
+    for count, weight in zip(counts, [0.5, 0.3, 0.2]):
+        assert abs(count / 10_000 - weight) < 0.02, counts
+    assert block_quotas([0.5, 0.3, 0.2]) == [5, 3, 2] and block_quotas([1, 3]) == [1, 3]
+    assert block_quotas([1e-6, 1]) == [1, 10_000]   # rounded, but never to nothing
+
+
+def test_weighted_mixture_walks_a_small_task_in_a_new_order_each_pass():
+    small = Numbers(7)
+    mix = TaskMixture([small, Numbers(1000)], [1, 1])
+    walk = [value(mix[i]) for i in range(200) if mix.task_at(i) is small]
+    assert len(walk) == 100   # 1:1 exactly over whole blocks
+    passes = [walk[p * 7:(p + 1) * 7] for p in range(len(walk) // 7)]
+    assert all(sorted(p) == list(range(7)) for p in passes)   # every example before any twice
+    assert passes[0] != passes[1] and len({tuple(p) for p in passes}) > 5   # a new shuffle each pass
+    # one epoch: within len(mix) draws every example of every task shows up
+    a, b = Numbers(3), Numbers(50)
+    epoch = TaskMixture([a, b], [1, 1])
+    seen = {id(a): set(), id(b): set()}
+    for i in range(len(epoch)):
+        seen[id(epoch.task_at(i))].add(value(epoch[i]))
+    assert seen == {id(a): set(range(3)), id(b): set(range(50))} and len(epoch) < 110
+
+
+def test_weighted_mixture_is_a_pure_function_of_the_index():
+    make = lambda: TaskMixture([Numbers(7), Numbers(1000), Numbers(100_000)], [0.5, 0.3, 0.2], seed=5)
+    mix = make()
+    forward = [(value(mix[i]), mix.tasks.index(mix.task_at(i))) for i in range(3000)]
+    fresh = make()   # a fresh mixture read backwards (a resumed run, another rank) agrees
+    assert [(value(fresh[i]), fresh.tasks.index(fresh.task_at(i))) for i in reversed(range(3000))] == forward[::-1]
+    assert value(make()[123_457]) == value(mix[123_457])
+    other_seed = TaskMixture(mix.tasks, [0.5, 0.3, 0.2], seed=6)
+    assert [value(other_seed[i]) for i in range(50)] != [v for v, _ in forward[:50]]
+    # ranks read draws r, r+W, ...: each rank still sees both tasks of a 1:1 mixture
+    a, b = Numbers(5), Numbers(5)
+    pair = TaskMixture([a, b], [1, 1])
+    for rank in range(2):
+        owners = [pair.task_at(i) for i in range(rank, 400, 2)]
+        assert 70 < sum(t is a for t in owners) < 130
+
+
+def test_weighted_mixture_prefetches_in_blocks():
+    a, b = Numbers(7), Numbers(100_000)
+    mix = TaskMixture([a, b], [1, 3])
+    for i in range(256):
+        mix[i]
+    assert len(b.hints) == 1 and len(b.hints[0]) == 192   # one hint for the 3/4 of a 256-draw window
+
+
+def test_mixture_weights_parse_as_proportions():
+    from nanochat.sft_data import parse_mixture, parse_curriculum
+    assert parse_curriculum("qa:1+world2:3") == [[("qa", 0.25), ("world2", 0.75)]]
+    assert parse_mixture("qa:0.5,world2:0.5") == [("qa", 0.5), ("world2", 0.5)]
+    assert parse_curriculum("world1,world2+world1") == [[("world1", 1.0)], [("world2", 0.5), ("world1", 0.5)]]
+    for bad in ("qa:0", "qa:-1", "qa:x", "qa:nan", "qa:inf"):
+        with pytest.raises(ValueError, match=f"mixture entry '{bad}': the weight must be a positive number"):
+            parse_curriculum(f"world1,{bad}+world2")
+    with pytest.raises(ValueError, match="expected name"):
+        parse_mixture("world1,,world2")
 
 
 def test_sequence_concatenates_in_order():

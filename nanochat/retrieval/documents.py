@@ -126,7 +126,8 @@ def chunk_document(doc, chunk_words, overlap):
 
 # -----------------------------------------------------------------------------
 # Reading inputs: .jsonl ({"id", "title", "text"}), .txt, .md, or directories of them.
-# Every problem is a ValueError whose message starts with file:line.
+# Every problem is a ValueError whose message starts with file:line. A document with empty
+# text is no problem here: it is yielded like any other, and build_kb drops and counts it.
 
 INPUT_EXTENSIONS = (".jsonl", ".txt", ".md")
 
@@ -177,8 +178,6 @@ def _read_jsonl(path):
                 raise ValueError(f"{path}:{lineno}: 'title' and 'text' must be strings")
             if not isinstance(obj["id"], (str, int)) or isinstance(obj["id"], bool) or str(obj["id"]) == "":
                 raise ValueError(f"{path}:{lineno}: 'id' must be a non-empty string or integer")
-            if not obj["text"].strip():
-                raise ValueError(f"{path}:{lineno}: document {obj['id']!r} has empty text")
             metadata = {k: v for k, v in obj.items() if k not in ("id", "title", "text")}
             metadata["source"] = f"{path}:{lineno}"
             yield Document(id=str(obj["id"]), title=obj.get("title", ""), text=obj["text"], metadata=metadata)
@@ -192,8 +191,6 @@ def _read_text_file(path, root):
     except UnicodeDecodeError as e:
         lineno = raw.count(b"\n", 0, e.start) + 1
         raise ValueError(f"{path}:{lineno}: not valid UTF-8") from None
-    if not text.strip():
-        raise ValueError(f"{path}:1: empty document")
     # the id is the path relative to the directory given on the command line, so it is stable
     doc_id = os.path.relpath(path, root) if root else os.path.basename(path)
     title = os.path.splitext(os.path.basename(path))[0]

@@ -27,6 +27,7 @@ from nanochat.retrieval.documents import Document, chunk_document, content_key, 
 FORMAT_VERSION = 1
 BUILDABLE = ("simple", "bm25", "dense")
 DEFAULTS = dict(chunk_words=200, overlap=40, bm25_method="lucene", k1=1.5, b=0.75, index="flat")
+EMPTY_SHOWN = 5   # locations of empty documents a summary lists
 
 
 # -----------------------------------------------------------------------------
@@ -179,12 +180,16 @@ def build_kb(inputs, out_dir, retrievers=None, chunk_words=None, overlap=None, m
         if not os.path.isdir(out_dir) or os.listdir(out_dir):
             raise ValueError(f"--out {out_dir}: exists and is not a knowledge base; refusing to replace it")
 
-    # read, de-duplicate (same id, or same text) and chunk
+    # read, drop empty texts (a big collection often has a few; search engines index the rest),
+    # de-duplicate (same id, or same text) and chunk
     documents = list(old.documents) if old else []
     seen_ids = {d.id for d in documents}
     seen_content = {content_key(d) for d in documents}
-    new_docs, dropped = [], 0
+    new_docs, dropped, empty = [], 0, []
     for doc in tqdm(read_documents(inputs), desc="reading", unit=" docs", disable=not show_progress):
+        if not doc.text.strip():
+            empty.append(doc.metadata["source"])   # file:line, or a .txt/.md file's path
+            continue
         key = content_key(doc)
         if doc.id in seen_ids or key in seen_content:
             dropped += 1
@@ -192,12 +197,17 @@ def build_kb(inputs, out_dir, retrievers=None, chunk_words=None, overlap=None, m
         seen_ids.add(doc.id)
         seen_content.add(key)
         new_docs.append(doc)
+    if empty and not dropped and not new_docs:
+        raise ValueError(f"--input {' '.join(inputs)}: all {len(empty)} documents have empty text "
+                         f"({', '.join(empty[:EMPTY_SHOWN])}{', ...' if len(empty) > EMPTY_SHOWN else ''})")
     if not new_docs and not add:
         raise ValueError(f"--input {' '.join(inputs)}: no documents found")
+    dropped_empty = dict(empty=len(empty), empty_sources=empty[:EMPTY_SHOWN])
     if not new_docs:
-        summary = dict(out=out_dir, docs=len(documents), new_docs=0, duplicates=dropped,
+        summary = dict(out=out_dir, docs=len(documents), new_docs=0, duplicates=dropped, **dropped_empty,
                        chunks=len(old.chunks), new_chunks=0, seconds=time.time() - t0)
-        log(f"nothing to add to {out_dir}: all {dropped} input documents are already in it")
+        log(f"nothing to add to {out_dir}: all {dropped} input documents are already in it"
+            + (f" ({len(empty)} more had empty text)" if empty else ""))
         return summary
     chunks = list(old.chunks) if old else []
     new_chunks = []
@@ -258,7 +268,7 @@ def build_kb(inputs, out_dir, retrievers=None, chunk_words=None, overlap=None, m
             os.rename(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    summary = dict(out=out_dir, docs=len(documents), new_docs=len(new_docs), duplicates=dropped,
+    summary = dict(out=out_dir, docs=len(documents), new_docs=len(new_docs), duplicates=dropped, **dropped_empty,
                    chunks=len(chunks), new_chunks=len(new_chunks), retrievers=retrievers, seconds=time.time() - t0)
     return summary
 

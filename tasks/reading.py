@@ -1,0 +1,455 @@
+"""
+Reading drills: a fresh little knowledge base per example, in many document shapes, and a
+question whose answer is a span of one of its documents.
+
+The knowledge world teaches a tiny model to read four article templates about invented people;
+that skill stays inside the world (0.5% EM on a real reference KB). What carries over is reading
+in general, so this generator varies everything a real KB varies:
+
+- shapes: `Key: value` records, prose, infobox rows, glossary pages, tables, bulleted lists,
+  manual-page sections (NAME / OPTIONS), and cloze questions over real paragraphs;
+- schemas: field names drawn from real English words (the docstrings of the installed Python
+  packages, see nanochat.dataset.RealTextSource), value types names, numbers with units,
+  years, dates, codes and multi-word phrases;
+- questions: many wordings per field, some naming only the field's last word, some lower-cased;
+- distractors: other documents of the same shape and schema, so the entity has to be matched.
+
+Words, names and one shape (`infobox`) are split by a hash into training and held-out: the
+held-out split measures transfer to schemas and a layout never trained on.
+
+    python -m tasks.reading --show 5 [--level 1|2|3] [--split heldout]
+"""
+import re
+import zlib
+import random
+import argparse
+from functools import lru_cache
+
+from tasks.common import Task
+from nanochat.rag import answer_text, exact_match, qa_reward
+
+HELDOUT_BUCKETS = 8          # one word (and name) in 8 is held out
+HELDOUT_SHAPES = ("infobox",)
+FIELD_SHAPES = ("record", "prose", "infobox", "table")   # entity x field schemas
+SHAPES = FIELD_SHAPES + ("glossary", "list", "manual", "cloze")
+STOPWORDS = set("""the and for with that this from are was were been being have has had not but can will would
+should could may might must shall into onto over under than then them they their there these those which what
+when where while who whom whose why how all any each every some such only also more most other another same very
+just its it's our your his her him she you use used uses using one two three none true false self cls args kwargs
+return returns none see note example default""".split())
+UNITS = ["km", "kg", "m", "cm", "mm", "g", "s", "ms", "hours", "days", "years", "people", "%", "MB", "GB", "Hz", "MHz",
+         "kW", "V", "bytes", "pages", "seats", "tons", "miles", "degrees", "points"]
+MONTHS = "January February March April May June July August September October November December".split()
+
+
+def is_heldout(word):
+    return zlib.crc32(word.lower().encode()) % HELDOUT_BUCKETS == 0
+
+
+# -----------------------------------------------------------------------------
+# Vocabulary and real paragraphs, from the real-text corpus on this machine
+
+@lru_cache(maxsize=1)
+def real_corpus(max_docs=4000):
+    """Paragraphs of real English (docstrings of installed packages): the word list and the
+    cloze drills come from these. Falls back to nothing if the corpus is unavailable."""
+    from nanochat.dataset import RealTextSource
+    source = RealTextSource("train")
+    n = min(len(source), max_docs)
+    step = max(1, len(source) // n)
+    return [source.get(i * step) for i in range(n)]
+
+
+@lru_cache(maxsize=1)
+def english_words():
+    """(train words, held-out words): lower-case alphabetic words that occur at least 3 times in
+    the real corpus, minus the commonest function words."""
+    counts = {}
+    for text in real_corpus():
+        for w in re.findall(r"\b[a-z]{3,12}\b", text):
+            counts[w] = counts.get(w, 0) + 1
+    words = sorted((w for w, c in counts.items() if c >= 3 and w not in STOPWORDS), key=lambda w: (-counts[w], w))
+    if len(words) < 200:
+        raise RuntimeError("the real-text corpus gave fewer than 200 words: reading drills need real English "
+                           "(python -m nanochat.dataset --help says where it reads from)")
+    return [w for w in words if not is_heldout(w)], [w for w in words if is_heldout(w)]
+
+
+# -----------------------------------------------------------------------------
+# Values: every answer is one of these, and is written into its document verbatim
+
+class Vocab:
+    """Words of one split, and random values built from them."""
+
+    def __init__(self, words, rng):
+        self.words, self.rng = words, rng
+
+    def word(self):
+        return self.rng.choice(self.words)
+
+    def phrase(self, lo=2, hi=4):
+        return " ".join(self.word() for _ in range(self.rng.randint(lo, hi)))
+
+    def field(self):
+        return self.phrase(1, 2)
+
+    def name(self):
+        r = self.rng
+        kind = r.random()
+        if kind < 0.4:
+            return self.word().capitalize()
+        if kind < 0.7:
+            return f"{self.word().capitalize()} {self.word().capitalize()}"
+        # an invented name from two word halves ("Tensoray"): real-looking, never a real word
+        a, b = self.word(), self.word()
+        return (a[:max(2, len(a) // 2)] + b[len(b) // 2:]).capitalize()
+
+    def value(self, kind):
+        r = self.rng
+        if kind == "name":
+            return self.name()
+        if kind == "word":
+            return self.word()
+        if kind == "phrase":
+            return self.phrase()
+        if kind == "number":
+            n = r.choice([r.randint(2, 99), r.randint(100, 9999), r.randint(10000, 999999)])
+            text = f"{n:,}" if n >= 10000 and r.random() < 0.5 else str(n)
+            if r.random() < 0.2:
+                text = f"{n / 10:.1f}"
+            return f"{text} {r.choice(UNITS)}" if r.random() < 0.6 else text
+        if kind == "year":
+            return str(r.randint(1500, 2030))
+        if kind == "date":
+            y, m, d = r.randint(1700, 2030), r.randint(1, 12), r.randint(1, 28)
+            return r.choice([f"{d} {MONTHS[m - 1]} {y}", f"{MONTHS[m - 1]} {d}, {y}", f"{y}-{m:02d}-{d:02d}"])
+        if kind == "code":
+            letters = "ABCDEFGHJKLMNPRSTUVWXYZ"
+            style = r.randrange(5)
+            if style == 0:
+                return "".join(r.choice(letters) for _ in range(r.randint(2, 4)))
+            if style == 1:
+                return r.choice(letters) + str(r.randint(10, 9999))
+            if style == 2:
+                return "".join(r.choice(letters) for _ in range(2)) + "-" + str(r.randint(1, 999))
+            if style == 3:
+                return f"{r.randint(1, 65535)}/{r.choice(['tcp', 'udp'])}"
+            return f"{r.randint(0, 9)}.{r.randint(0, 20)}.{r.randint(0, 9)}"
+        raise ValueError(kind)
+
+
+VALUE_KINDS = ["name", "word", "phrase", "number", "year", "date", "code"]
+
+QUESTIONS = ["What is the {f} of {e}?", "What is {e}'s {f}?", "What {f} does {e} have?", "Which {f} is given for {e}?",
+             "Give the {f} of {e}.", "Tell me the {f} of {e}.", "{e}: what is the {f}?", "What is listed as the {f} of {e}?",
+             "Find the {f} of {e}.", "What's the {f} for {e}?", "According to the document, what is the {f} of {e}?",
+             "What does the entry for {e} give as its {f}?", "{f} of {e}?", "I need the {f} of {e}.",
+             "Look up the {f} of {e}.", "Can you tell me what the {f} of {e} is?"]
+
+
+def field_question(rng, entity, field):
+    f = field
+    if " " in f and rng.random() < 0.25:
+        f = f.split()[-1]                      # a shorter name for the field
+    q = rng.choice(QUESTIONS).format(f=f, e=entity)
+    if rng.random() < 0.1:
+        q = q[0].lower() + q[1:]
+    return q[0].upper() + q[1:] if rng.random() < 0.9 else q
+
+
+# -----------------------------------------------------------------------------
+# Shapes. Each returns (documents, question, answer) with the answer a span of the gold document.
+
+def _schema(v, rng):
+    fields, seen, n = [], set(), rng.randint(3, 7)
+    while len(fields) < n:
+        f = v.field()
+        if f not in seen:
+            seen.add(f)
+            fields.append((f, rng.choice(VALUE_KINDS)))
+    return fields
+
+
+def _entities(v, rng, n):
+    names, seen = [], set()
+    while len(names) < n:
+        name = v.name()
+        if name.lower() not in seen:
+            seen.add(name.lower())
+            names.append(name)
+    return names
+
+
+def _fill(v, names, schema):
+    return [{f: v.value(kind) for f, kind in schema} for _ in names]
+
+
+def _key(rng, field):
+    style = rng.randrange(3)
+    return field if style == 0 else (field.capitalize() if style == 1 else field.title())
+
+
+def render_record(rng, name, values, shape):
+    items = list(values.items())
+    rng.shuffle(items)
+    if shape == "record":
+        sep = rng.choice([": ", ": ", " - ", " = "])
+        return "\n".join(f"{_key(rng, f)}{sep}{val}" for f, val in items)
+    if shape == "infobox":
+        return f"| {name} |\n" + "\n".join(f"| {_key(rng, f)} | {val} |" for f, val in items)
+    sentences = []   # prose
+    for k, (f, val) in enumerate(items):
+        subject = name if k == 0 or rng.random() < 0.5 else "Its"
+        if subject == "Its":
+            sentences.append(f"Its {f} is {val}.")
+        else:
+            sentences.append(rng.choice([f"The {f} of {name} is {val}.", f"{name} has a {f} of {val}.",
+                                         f"{name}'s {f} is {val}.", f"For {name}, the {f} is {val}.",
+                                         f"{val} is the {f} of {name}."]))
+    return " ".join(sentences)   # never re-cased: the answer must stay a verbatim span
+
+
+def rigid_drill(v, rng):
+    """The first level: one `key: value` record with one-word keys and short values, asked in one
+    wording. Content-addressed copying (find the key the question names, copy what follows) has to
+    click here first: a tiny model given every shape at once learned none of them in 500 steps."""
+    fields, n = [], rng.randint(2, 4)
+    while len(fields) < n:
+        f = v.word()
+        if f not in fields:
+            fields.append(f)
+    name = v.name()
+    values = {f: v.value(rng.choice(["name", "word", "year", "code"])) for f in fields}
+    text = "\n".join(f"{f}: {values[f]}" for f in fields)
+    field = rng.choice(fields)
+    return [{"id": "d0", "title": name, "text": text}], 0, f"What is the {field} of {name}?", values[field]
+
+
+def record_drill(v, rng, shape, num_docs):
+    schema = _schema(v, rng)
+    names = _entities(v, rng, num_docs)
+    values = _fill(v, names, schema)
+    docs = [{"id": f"d{k}", "title": name, "text": render_record(rng, name, vals, shape)}
+            for k, (name, vals) in enumerate(zip(names, values))]
+    gold = rng.randrange(num_docs)
+    field = rng.choice(schema)[0]
+    return docs, gold, field_question(rng, names[gold], field), values[gold][field]
+
+
+def table_drill(v, rng, num_docs):
+    schema = _schema(v, rng)[:rng.randint(2, 4)]
+    docs, facts = [], []
+    for k in range(num_docs):
+        names = _entities(v, rng, rng.randint(2, 5))
+        rows = _fill(v, names, schema)
+        header = rng.choice(["name", "entry", "item", v.word()])
+        lines = [" | ".join([header] + [f for f, _ in schema])]
+        lines += [" | ".join([n] + [row[f] for f, _ in schema]) for n, row in zip(names, rows)]
+        docs.append({"id": f"d{k}", "title": v.phrase(1, 3).capitalize(), "text": "\n".join(lines)})
+        facts.append((names, rows))
+    gold = rng.randrange(num_docs)
+    names, rows = facts[gold]
+    i, field = rng.randrange(len(names)), rng.choice(schema)[0]
+    return docs, gold, field_question(rng, names[i], field), rows[i][field]
+
+
+def glossary_drill(v, rng, num_docs):
+    docs, facts = [], []
+    for k in range(num_docs):
+        terms = _entities(v, rng, rng.randint(2, 5))
+        terms = [t.lower() if rng.random() < 0.5 else t for t in terms]
+        meanings = [v.phrase(2, 5) for _ in terms]
+        style = rng.randrange(3)
+        if style == 0:
+            text = "\n".join(f"{t}: {m}." for t, m in zip(terms, meanings))
+        elif style == 1:
+            text = "\n".join(f"{t} ({rng.choice(['n.', 'v.', 'adj.', 'noun', 'verb'])}) {m}." for t, m in zip(terms, meanings))
+        else:
+            text = "\n".join(f"{t}\n    {m}." for t, m in zip(terms, meanings))
+        docs.append({"id": f"d{k}", "title": rng.choice(["Glossary", "Dictionary", "Terms", v.word().capitalize() + " glossary"]),
+                     "text": text})
+        facts.append((terms, meanings))
+    gold = rng.randrange(num_docs)
+    terms, meanings = facts[gold]
+    i = rng.randrange(len(terms))
+    q = rng.choice(["What does {t} mean?", "What is the meaning of {t}?", "Define {t}.", "What is {t}?",
+                    "How is {t} defined?", "What is meant by {t}?"]).format(t=terms[i])
+    return docs, gold, q, meanings[i]
+
+
+def list_drill(v, rng, num_docs):
+    docs, facts = [], []
+    for k in range(num_docs):
+        names = _entities(v, rng, rng.randint(2, 6))
+        names = [n.lower() if rng.random() < 0.5 else n for n in names]
+        descs = [v.phrase(2, 5) for _ in names]
+        bullet = rng.choice(["- ", "* ", "{n}. "])
+        sep = rng.choice([" - ", ": ", " -- "])
+        text = "\n".join(bullet.format(n=j + 1) + f"{n}{sep}{d}" for j, (n, d) in enumerate(zip(names, descs)))
+        docs.append({"id": f"d{k}", "title": v.phrase(1, 3).capitalize(), "text": text})
+        facts.append((names, descs))
+    gold = rng.randrange(num_docs)
+    names, descs = facts[gold]
+    i = rng.randrange(len(names))
+    q = rng.choice(["What is {n}?", "What does {n} do?", "What is {n} described as?", "Describe {n}.",
+                    "What is {n} for?"]).format(n=names[i])
+    return docs, gold, q, descs[i]
+
+
+def manual_drill(v, rng, num_docs):
+    docs, facts = [], []
+    for k in range(num_docs):
+        cmd = v.word() + rng.choice(["", "", "ctl", "d", "-" + v.word()])
+        summary = v.phrase(2, 5)
+        options = []
+        for _ in range(rng.randint(1, 4)):
+            long = v.word()
+            if long not in [o[1] for o in options]:
+                options.append((long[0], long, v.phrase(2, 6)))
+        lines = ["NAME", f"    {cmd} - {summary}", "", "SYNOPSIS", f"    {cmd} [OPTION]... [{v.word().upper()}]...", "",
+                 "OPTIONS"]
+        for short, long, desc in options:
+            lines += [f"    -{short}, --{long}", f"        {desc}"]
+        docs.append({"id": f"d{k}", "title": f"{cmd}({rng.randint(1, 8)})", "text": "\n".join(lines)})
+        facts.append((cmd, summary, options))
+    gold = rng.randrange(num_docs)
+    cmd, summary, options = facts[gold]
+    if rng.random() < 0.4:
+        q = rng.choice(["What does {c} do?", "What is {c}?", "What is the {c} command for?",
+                        "Describe the {c} command."]).format(c=cmd)
+        return docs, gold, q, summary
+    short, long, desc = rng.choice(options)
+    if rng.random() < 0.6:
+        q = rng.choice(["What does the --{o} option of {c} do?", "What does {c} --{o} do?",
+                        "In {c}, what is --{o} for?"]).format(o=long, c=cmd)
+        return docs, gold, q, desc
+    q = rng.choice(["Which option of {c} does this: {d}?", "What is the long option of {c} that means: {d}?"]).format(c=cmd, d=desc)
+    return docs, gold, q, f"--{long}"
+
+
+def cloze_drill(rng, paragraphs, num_docs):
+    """A real paragraph, a sentence of it with a span blanked out: the span is the answer."""
+    for _ in range(20):
+        chosen = rng.sample(paragraphs, num_docs)
+        gold = rng.randrange(num_docs)
+        sentences = [s for s in re.split(r"(?<=[.!?])\s+", " ".join(chosen[gold].split())) if 6 <= len(s.split()) <= 30]
+        if not sentences:
+            continue
+        words = rng.choice(sentences).split()
+        span_len = rng.randint(1, 3)
+        start = rng.randrange(1, len(words) - span_len)
+        span = " ".join(words[start:start + span_len]).strip(".,;:()\"'`")
+        if not re.fullmatch(r"[\w][\w .,-]*", span):
+            continue
+        blanked = " ".join(words[:start] + ["___"] + words[start + span_len:])
+        q = rng.choice(["Fill in the blank from the document: {s}", "Complete from the text: {s}",
+                        "Which words are missing? {s}"]).format(s=blanked)
+        docs = [{"id": f"d{k}", "title": p.split("\n", 1)[0][:60], "text": p[:1200]} for k, p in enumerate(chosen)]
+        if span and span in docs[gold]["text"]:
+            return docs, gold, q, span
+    return None
+
+
+# -----------------------------------------------------------------------------
+# The task
+
+class ReadingDrills(Task):
+    """Endless reading drills. level 1: one `key: value` record, one question wording (rigid_drill);
+    level 2: one document of any shape; level 3: 2-5 documents of the same shape (the RAG wrapper
+    shows the retriever's top 3, in random order). split 'train' uses the
+    training words, names and shapes; 'heldout' only held-out words and names, all shapes."""
+
+    def __init__(self, level=1, split="train", num_examples=100_000, seed=0, words=None, paragraphs=None, **kwargs):
+        super().__init__(**kwargs)
+        assert level in (1, 2, 3), f"level must be 1, 2 or 3, got {level}"
+        assert split in ("train", "heldout"), f"split must be train or heldout, got {split!r}"
+        self.level, self.split, self.n, self.seed = level, split, num_examples, seed
+        if words is None:
+            train_words, heldout_words = english_words()
+            words = train_words if split == "train" else heldout_words
+        self.words = words
+        self.paragraphs = paragraphs if paragraphs is not None else [p for p in real_corpus() if len(p) >= 200]
+        # the held-out split has every shape but cloze (its paragraphs are the training corpus)
+        self.shapes = [s for s in SHAPES if s not in HELDOUT_SHAPES] if split == "train" else [s for s in SHAPES if s != "cloze"]
+        if len(self.paragraphs) < 10:
+            self.shapes = [s for s in self.shapes if s != "cloze"]
+
+    @property
+    def eval_type(self):
+        return "generative"
+
+    def num_examples(self):
+        return self.n
+
+    def _drill(self, rng, v):
+        """(shape, documents, gold index, question, answer) of one example."""
+        if self.level == 1:
+            return ("rigid", *rigid_drill(v, rng))
+        num_docs = 1 if self.level == 2 else rng.randint(2, 5)
+        while True:   # a cloze draw can fail (no usable sentence): draw again
+            shape = rng.choice(self.shapes)
+            if shape in FIELD_SHAPES:
+                made = record_drill(v, rng, shape, num_docs)
+            elif shape == "cloze":
+                made = cloze_drill(rng, self.paragraphs, num_docs)
+            else:
+                made = {"table": table_drill, "glossary": glossary_drill, "list": list_drill,
+                        "manual": manual_drill}[shape](v, rng, num_docs)
+            if made is not None:
+                return (shape, *made)
+
+    def get_example(self, index):
+        rng = random.Random(f"read-{self.split}-{self.seed}-{self.level}-{index}")
+        shape, docs, gold, question, answer = self._drill(rng, Vocab(self.words, rng))
+        assert answer in docs[gold]["text"], (answer, docs[gold]["text"])
+        return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+                "answers": [answer], "supporting_ids": [docs[gold]["id"]], "hops": [docs[gold]["id"]],
+                "kb": docs, "type": shape}
+
+    def evaluate(self, conversation, completion):
+        return exact_match(answer_text(completion), conversation["answers"])
+
+    def reward(self, conversation, completion):
+        return qa_reward(completion, conversation["answers"])
+
+
+@lru_cache(maxsize=2)
+def _drills_for_pretraining(split):
+    return {level: ReadingDrills(level, split, 10 ** 9) for level in (1, 2)}
+
+
+def pretraining_text(index, split="train"):
+    """Plain-text reading drills for base pretraining (document `index` of an endless stream): a few
+    documents, each followed by `Q:`/`A:` lines, half of them the rigid level. The loss on the
+    answers can only be lowered by copying from the document just above, so pretraining already
+    forms the content-addressed copying that SFT's reading stages need."""
+    rng = random.Random(f"read-pretrain-{split}-{index}")
+    drills = _drills_for_pretraining("train" if split == "train" else "heldout")
+    blocks = []
+    for _ in range(rng.randint(3, 6)):
+        ex = drills[rng.choice((1, 2))][rng.randrange(10 ** 9)]
+        docs = "\n\n".join(f"{d['title']}\n{d['text']}" for d in ex["kb"])
+        blocks.append(f"{docs}\nQ: {ex['messages'][0]['content']}\nA: {ex['answers'][0]}")
+    return "\n\n".join(blocks)
+
+
+def reading_task(level, split="train", num_examples=None, seed=0):
+    """Drills wrapped for RAG: each example's own documents searched by BM25 (top 3), shown in
+    random order so that the answer is not always in document [1]."""
+    from tasks.rag import RAGTask
+    base = ReadingDrills(level, split, num_examples or (100_000 if split == "train" else 500), seed)
+    return RAGTask(base, "bm25", 1 if level <= 2 else 3, shuffle=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="print reading drills as the model sees them")
+    parser.add_argument("--show", type=int, default=5, help="how many examples")
+    parser.add_argument("--level", type=int, default=3, choices=[1, 2, 3])
+    parser.add_argument("--split", default="train", choices=["train", "heldout"])
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    from tasks.rag import describe
+    task = reading_task(args.level, args.split, seed=args.seed)
+    for i in range(args.show):
+        print(describe(task[i]))
+        print("-" * 80)

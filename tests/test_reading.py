@@ -1,0 +1,103 @@
+"""Reading drills, the held-out split by document, and the machine-made real QA sets."""
+import json
+
+import pytest
+
+from tasks.reading import ReadingDrills, SHAPES, HELDOUT_SHAPES, is_heldout
+from tasks.jsonl_qa import JsonlQA, split_by_document
+from kb_tools import machine_qa
+
+WORDS = ("river stone window market signal engine garden letter winter summer number pocket bridge "
+         "harbor silver copper forest candle mirror thunder meadow lantern anchor feather compass "
+         "castle valley island violet orange purple yellow circle square triangle").split()
+PARAGRAPHS = [f"The {w} keeps a record of every {v} it sees. Each entry names the {v} and the day it arrived. "
+              f"Readers can look up any {w} by its number, and the index lists them in order of arrival."
+              for w in WORDS[:12] for v in WORDS[12:14]]
+
+
+def drills(level=3, split="train", n=400):
+    words = [w for w in WORDS if is_heldout(w) == (split == "heldout")] or WORDS
+    return ReadingDrills(level, split, n, seed=3, words=words, paragraphs=PARAGRAPHS)
+
+
+@pytest.mark.parametrize("split,level", [("train", 3), ("heldout", 3), ("train", 1)])
+def test_answers_are_spans_of_the_gold_document(split, level):
+    task = drills(level=level, split=split)
+    shapes = set()
+    for i in range(len(task)):
+        ex = task[i]
+        gold = [d for d in ex["kb"] if d["id"] == ex["supporting_ids"][0]][0]
+        assert ex["answers"][0] in gold["text"], (ex["type"], ex["answers"], gold["text"])
+        assert ex["messages"][-1]["content"] == ex["answers"][0]
+        shapes.add(ex["type"])
+    if level == 1:
+        assert shapes == {"rigid"}
+    elif split == "train":
+        assert shapes == set(SHAPES) - set(HELDOUT_SHAPES)   # every training shape shows up in 400 draws
+    else:
+        assert set(HELDOUT_SHAPES) <= shapes and "cloze" not in shapes
+
+
+def test_drills_are_deterministic_and_fresh():
+    a, b = drills(), drills()
+    assert [a[i] for i in range(20)] == [b[i] for i in range(20)]
+    assert len({json.dumps(a[i]["kb"]) for i in range(50)}) == 50   # a new little KB every example
+
+
+def test_levels_one_and_two_have_only_the_gold_document():
+    for level in (1, 2):
+        task = drills(level=level)
+        assert all(len(task[i]["kb"]) == 1 for i in range(50))
+    rigid = drills(level=1)
+    assert all(rigid[i]["type"] == "rigid" and rigid[i]["messages"][0]["content"].startswith("What is the ") for i in range(50))
+
+
+def test_document_lines_start_like_answers(tokenizer):
+    """A value at the start of a document line is the same tokens as the answer (leading space)."""
+    ids = tokenizer.encode_document({"title": "t", "text": "name: x\nqueen river - a place"}, 1)
+    answer = tokenizer.encode_text("queen river")
+    assert any(ids[i:i + len(answer)] == answer for i in range(len(ids)))
+
+
+def _rows(pairs):
+    return [{"question": q, "answers": ["a"], "supporting_ids": ids, "hops": []} for q, ids in pairs]
+
+
+def test_split_by_document_never_shares_a_document():
+    rows = _rows([(f"q{i}", [f"d{i % 40}"] + ([f"d{(i * 7) % 40}"] if i % 3 == 0 else [])) for i in range(300)])
+    train, heldout = split_by_document(rows, 0.2)
+    assert train and heldout and len(train) + len(heldout) == len(rows)
+    train_docs = {d for r in train for d in r["supporting_ids"]}
+    heldout_docs = {d for r in heldout for d in r["supporting_ids"]}
+    assert not train_docs & heldout_docs
+    assert split_by_document(rows, 0.2) == (train, heldout)   # deterministic
+
+
+def test_jsonl_qa_splits(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _rows([(f"q{i}", [f"d{i % 30}"]) for i in range(200)])))
+    train, heldout, whole = JsonlQA(str(path), split="train"), JsonlQA(str(path), split="heldout"), JsonlQA(str(path))
+    assert len(train) + len(heldout) == len(whole)
+    assert not {train[i]["supporting_ids"][0] for i in range(len(train))} & {heldout[i]["supporting_ids"][0] for i in range(len(heldout))}
+
+
+def test_machine_qa_sets_are_spans(tmp_path):
+    made = machine_qa.build(str(tmp_path), ["httpstatus", "errno"])
+    assert set(made) == {"httpstatus", "errno"}   # these two come with Python on every machine
+    for name in made:
+        docs = {d["id"]: d for d in map(json.loads, open(tmp_path / f"{name}_kb.jsonl"))}
+        qs = [json.loads(line) for line in open(tmp_path / f"{name}_qa.jsonl")]
+        assert len(qs) == made[name][1] > 50
+        for q in qs:
+            doc = docs[q["supporting_ids"][0]]
+            assert q["answers"][0] in doc["title"] + "\n" + doc["text"]
+
+
+def test_make_qa_asks_about_key_value_lines():
+    from kb_tools.make_qa import make_questions
+    docs = [{"id": "a", "title": "Aruba", "text": "name: Aruba\nalpha_3: ABW\n| capital | Oranjestad |\nA sentence: with a colon that is far too long to be a value here"},
+            {"id": "b", "title": "Prose", "text": "Just a paragraph of text without fields."}]
+    rows = make_questions(docs, max_per_doc=10, max_value_words=5)
+    asked = {r["question"]: r["answers"][0] for r in rows}
+    assert asked == {"What is the alpha 3 of Aruba?": "ABW", "What is the capital of Aruba?": "Oranjestad"}
+    assert all(r["supporting_ids"] == ["a"] for r in rows)
