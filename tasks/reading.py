@@ -259,47 +259,42 @@ def table_drill(v, rng, num_docs):
     return docs, gold, field_question(rng, names[i], field), rows[i][field]
 
 
-def glossary_drill(v, rng, num_docs):
-    docs, facts = [], []
-    for k in range(num_docs):
-        terms = _entities(v, rng, rng.randint(2, 5))
-        terms = [t.lower() if rng.random() < 0.5 else t for t in terms]
-        meanings = [v.phrase(2, 5) for _ in terms]
+TERM_QUESTIONS = {
+    "glossary": ["What does {t} mean?", "What is the meaning of {t}?", "Define {t}.", "What is {t}?",
+                 "How is {t} defined?", "What is meant by {t}?"],
+    "list": ["What is {t}?", "What does {t} do?", "What is {t} described as?", "Describe {t}.", "What is {t} for?"],
+}
+
+
+def render_terms(rng, v, shape, terms, meanings):
+    """(title, text) of a glossary page or a bulleted list of terms and what they mean."""
+    if shape == "glossary":
         style = rng.randrange(3)
         if style == 0:
-            text = "\n".join(f"{t}: {m}." for t, m in zip(terms, meanings))
+            lines = [f"{t}: {m}." for t, m in zip(terms, meanings)]
         elif style == 1:
-            text = "\n".join(f"{t} ({rng.choice(['n.', 'v.', 'adj.', 'noun', 'verb'])}) {m}." for t, m in zip(terms, meanings))
+            lines = [f"{t} ({rng.choice(['n.', 'v.', 'adj.', 'noun', 'verb'])}) {m}." for t, m in zip(terms, meanings)]
         else:
-            text = "\n".join(f"{t}\n    {m}." for t, m in zip(terms, meanings))
-        docs.append({"id": f"d{k}", "title": rng.choice(["Glossary", "Dictionary", "Terms", v.word().capitalize() + " glossary"]),
-                     "text": text})
+            lines = [f"{t}\n    {m}." for t, m in zip(terms, meanings)]
+        return rng.choice(["Glossary", "Dictionary", "Terms", v.word().capitalize() + " glossary"]), "\n".join(lines)
+    bullet, sep = rng.choice(["- ", "* ", "{n}. "]), rng.choice([" - ", ": ", " -- "])
+    lines = [bullet.format(n=j + 1) + f"{t}{sep}{m}" for j, (t, m) in enumerate(zip(terms, meanings))]
+    return v.phrase(1, 3).capitalize(), "\n".join(lines)
+
+
+def term_drill(v, rng, shape, num_docs):
+    """Glossary pages or bulleted lists: terms and what they mean; the answer is a meaning."""
+    docs, facts = [], []
+    for k in range(num_docs):
+        terms = [t.lower() if rng.random() < 0.5 else t for t in _entities(v, rng, rng.randint(2, 6))]
+        meanings = [v.phrase(2, 5) for _ in terms]
+        title, text = render_terms(rng, v, shape, terms, meanings)
+        docs.append({"id": f"d{k}", "title": title, "text": text})
         facts.append((terms, meanings))
     gold = rng.randrange(num_docs)
     terms, meanings = facts[gold]
     i = rng.randrange(len(terms))
-    q = rng.choice(["What does {t} mean?", "What is the meaning of {t}?", "Define {t}.", "What is {t}?",
-                    "How is {t} defined?", "What is meant by {t}?"]).format(t=terms[i])
-    return docs, gold, q, meanings[i]
-
-
-def list_drill(v, rng, num_docs):
-    docs, facts = [], []
-    for k in range(num_docs):
-        names = _entities(v, rng, rng.randint(2, 6))
-        names = [n.lower() if rng.random() < 0.5 else n for n in names]
-        descs = [v.phrase(2, 5) for _ in names]
-        bullet = rng.choice(["- ", "* ", "{n}. "])
-        sep = rng.choice([" - ", ": ", " -- "])
-        text = "\n".join(bullet.format(n=j + 1) + f"{n}{sep}{d}" for j, (n, d) in enumerate(zip(names, descs)))
-        docs.append({"id": f"d{k}", "title": v.phrase(1, 3).capitalize(), "text": text})
-        facts.append((names, descs))
-    gold = rng.randrange(num_docs)
-    names, descs = facts[gold]
-    i = rng.randrange(len(names))
-    q = rng.choice(["What is {n}?", "What does {n} do?", "What is {n} described as?", "Describe {n}.",
-                    "What is {n} for?"]).format(n=names[i])
-    return docs, gold, q, descs[i]
+    return docs, gold, rng.choice(TERM_QUESTIONS[shape]).format(t=terms[i]), meanings[i]
 
 
 def manual_drill(v, rng, num_docs):
@@ -398,9 +393,10 @@ class ReadingDrills(Task):
                 made = record_drill(v, rng, shape, num_docs)
             elif shape == "cloze":
                 made = cloze_drill(rng, self.paragraphs, num_docs)
+            elif shape in TERM_QUESTIONS:
+                made = term_drill(v, rng, shape, num_docs)
             else:
-                made = {"table": table_drill, "glossary": glossary_drill, "list": list_drill,
-                        "manual": manual_drill}[shape](v, rng, num_docs)
+                made = {"table": table_drill, "manual": manual_drill}[shape](v, rng, num_docs)
             if made is not None:
                 return (shape, *made)
 
