@@ -185,13 +185,7 @@ def _fill(v, names, schema):
 
 
 def _key(rng, field):
-    """A field name as a document writes it; the question says it in plain words. Records and
-    JSON-like data often join words (`official_name`, `alpha-3`), so the reader has to match those."""
-    style = rng.randrange(5)
-    if style == 3:
-        return field.replace(" ", "_")
-    if style == 4:
-        return field.replace(" ", "-")
+    style = rng.randrange(3)
     return field if style == 0 else (field.capitalize() if style == 1 else field.title())
 
 
