@@ -16,16 +16,18 @@ import torch
 from tasks.common import TaskMixture
 
 
-def add_kb_flags(parser):
-    """The flags build_task reads for the 'qa' task (your own QA file over your own KB)."""
+def add_kb_flags(parser, heldout_split=False):
+    """The flags build_task reads for the 'qa' task (your own QA file over your own KB);
+    heldout_split: also --qa-heldout-frac (trainers hold documents out of training)."""
     parser.add_argument("--kb", default=None, help="knowledge base directory built by kb_tools.build_kb (for --qa)")
     parser.add_argument("--qa", default=None, help="JSONL file of {question, answers, supporting_ids?, hops?}")
     parser.add_argument("--multihop", action="store_true", help="--qa: the model writes its own searches (REFRAG) instead of RAG")
     parser.add_argument("--retriever", default="bm25", help="simple | bm25 | dense | hybrid")
     parser.add_argument("--embedding-model", default=None, help="dense/hybrid: must be the model the KB was built with (checked)")
     parser.add_argument("--top-k", type=int, default=3, help="documents per retrieval (knowledge-world levels fix their own)")
-    parser.add_argument("--qa-heldout-frac", type=float, default=0.2,
-                        help="--qa: share of the documents whose questions are held out (never trained on); 0 = train on every question")
+    if heldout_split:
+        parser.add_argument("--qa-heldout-frac", type=float, default=0.2,
+                            help="--qa: share of the documents whose questions are held out (never trained on); 0 = train on every question")
 
 
 def build_task(name, args, split, seed=None):

@@ -36,7 +36,7 @@ parser.add_argument("--curriculum", default="world2,world3,world4",
                          "--advance-window steps reaches --advance-em (a single stage = no curriculum)")
 parser.add_argument("--advance-em", type=float, default=0.8, help="rollout EM that moves the curriculum on")
 parser.add_argument("--advance-window", type=int, default=10, help="steps averaged for --advance-em")
-add_kb_flags(parser)
+add_kb_flags(parser, heldout_split=True)
 parser.add_argument("--max-searches", type=int, default=4, help="searches allowed per answer (hop cap)")
 parser.add_argument("--stream-examples", type=int, default=200_000, help="examples per knowledge-world training stream")
 parser.add_argument("--seed", type=int, default=1, help="seed of the training streams (differs from SFT's by default)")

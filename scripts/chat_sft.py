@@ -58,7 +58,7 @@ parser.add_argument("--advance-em", type=float, default=0.9,
                     help="teacher-forced EM of the stage's first task in the training batches that moves to the next stage "
                          "(the other tasks of a stage ride along: world2+read2 advances on world2)")
 parser.add_argument("--advance-window", type=int, default=20, help="steps averaged for --advance-em")
-add_kb_flags(parser)
+add_kb_flags(parser, heldout_split=True)
 parser.add_argument("--stream-examples", type=int, default=200_000, help="examples per knowledge-world training stream")
 parser.add_argument("--seed", type=int, default=0, help="seed of the training streams")
 # optimisation
