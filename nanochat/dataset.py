@@ -1,6 +1,7 @@
 """
 Pretraining text sources, each addressable by document index (so a run resumes exactly and
-torchrun ranks take disjoint documents without coordination):
+torchrun ranks take disjoint documents without coordination). Text generated on the fly
+("embedded", "reading") is made in tasks/ (tasks.pretraining) and handed in by the scripts:
 
 - "embedded": the offline default. Generated on the fly by tasks.knowledge_world: encyclopedia
   articles about invented entities followed by questions answered from them. License-clean,
@@ -34,41 +35,22 @@ from nanochat.common import get_base_dir, atomic_write_text, print0
 
 FINEWEB_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_{:05d}.parquet"
 FINEWEB_MAX_SHARD = 1822
-VAL_OFFSET = 1_000_000_007   # embedded validation documents come from a disjoint index range
 
 
-class EmbeddedSource:
-    """Generated pretraining documents: document i is a pure function of (i, split)."""
-    name = "embedded"
+class GeneratedSource:
+    """Text made on the fly: document i is document(i, split), a pure function, so any document can
+    be made without the ones before it. The generators live in tasks/ (tasks.pretraining.GENERATED:
+    the knowledge world's articles, the reading drills); scripts hand them to get_source, so this
+    library never imports the task layer."""
 
-    def __init__(self, split="train"):
-        from tasks.knowledge_world import pretraining_documents
-        self._documents = pretraining_documents
-        self.offset = VAL_OFFSET if split == "val" else 0
+    def __init__(self, name, document, split="train"):
+        self.name, self._document, self.split = name, document, split
 
     def __len__(self):
         return 10 ** 9   # effectively endless
 
     def get(self, i):
-        # each index seeds its own little world, so any document can be made without the ones before it
-        return next(iter(self._documents(self.offset + i)))
-
-
-class ReadingSource:
-    """Generated reading drills as plain text (tasks.reading.pretraining_text): records, prose,
-    tables, glossaries, lists and manual pages with real-English schemas, each followed by questions
-    answered from it. Document i is a pure function of (i, split); validation uses held-out words."""
-    name = "reading"
-
-    def __init__(self, split="train"):
-        from tasks.reading import pretraining_text
-        self._text, self.split = pretraining_text, split
-
-    def __len__(self):
-        return 10 ** 9
-
-    def get(self, i):
-        return self._text(i, self.split)
+        return self._document(i, self.split)
 
 
 class ParquetSource:
@@ -333,8 +315,8 @@ class MixedSource:
     """
     name = "mix"
 
-    def __init__(self, parts, split="train"):
-        self.sources = [get_source(name, split) for name, _ in parts]
+    def __init__(self, parts, split="train", generated=None):
+        self.sources = [get_source(name, split, generated=generated) for name, _ in parts]
         self.weights = [w for _, w in parts]
         # one cycle of sum(weights) slots by smooth weighted round robin: (source, its n-th slot in the cycle)
         total = sum(self.weights)
@@ -380,20 +362,22 @@ def parse_mix(name):
     return [(source, w) for (source, _), w in zip(parts, ints)]
 
 
-def get_source(name, split="train", data_dir=None):
-    if name == "embedded":
-        return EmbeddedSource(split)
+def get_source(name, split="train", data_dir=None, generated=None):
+    """A pretraining source by its --data name. generated: {name: document(i, split)} for text made on
+    the fly (tasks.pretraining.GENERATED gives 'embedded' and 'reading')."""
+    generated = generated or {}
+    if name in generated:
+        return GeneratedSource(name, generated[name], split)
     if name == "realtext":
         return RealTextSource(split)
-    if name == "reading":
-        return ReadingSource(split)
     if name == "fineweb":
         return ParquetSource(data_dir or os.path.join(get_base_dir(), "base_data"), split)
     if os.path.isdir(name):
         return ParquetSource(name, split)
     if "+" in name or ":" in name:
-        return MixedSource(parse_mix(name), split)
-    raise ValueError(f"--data must be 'embedded', 'realtext', 'reading', 'fineweb', a directory of parquet files "
+        return MixedSource(parse_mix(name), split, generated)
+    known = ", ".join(f"'{n}'" for n in [*generated, "realtext", "fineweb"])
+    raise ValueError(f"--data must be {known}, a directory of parquet files "
                      f"or a mix like 'embedded:3+realtext:1', got {name!r}")
 
 

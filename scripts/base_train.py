@@ -17,6 +17,7 @@ import torch.distributed as dist
 from nanochat.common import (compute_init, compute_cleanup, print0, init_wandb, autocast_ctx, die, get_base_dir)
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.tokenizer import get_tokenizer
+from tasks.pretraining import GENERATED
 from nanochat.dataset import get_source
 from nanochat.dataloader import PretrainLoader
 from nanochat.loss_eval import evaluate_bpb
@@ -120,7 +121,7 @@ print0(f"{total_batch:,} tokens per step = {args.device_batch_size} seqs x {args
 
 # data
 try:
-    train_source, val_source = get_source(args.data, "train"), get_source(args.data, "val")
+    train_source, val_source = get_source(args.data, "train", generated=GENERATED), get_source(args.data, "val", generated=GENERATED)
 except (ValueError, FileNotFoundError) as e:
     die(str(e))
 start_doc = meta["loader_state"][rank]["next_doc"] if resuming else None

@@ -15,6 +15,7 @@ import argparse
 import torch
 
 from nanochat.common import get_base_dir, die, print0, atomic_write_json
+from tasks.pretraining import GENERATED
 from nanochat.dataset import get_source, iter_texts
 from nanochat.tokenizer import Tokenizer, SPECIAL_TOKENS
 
@@ -32,7 +33,7 @@ if args.max_chars <= 0 or args.doc_cap <= 0:
     die("--max-chars and --doc-cap must be positive")
 
 try:
-    source, val_source = get_source(args.data, "train"), get_source(args.data, "val")
+    source, val_source = get_source(args.data, "train", generated=GENERATED), get_source(args.data, "val", generated=GENERATED)
 except (ValueError, FileNotFoundError, ImportError) as e:
     die(str(e))
 
@@ -72,7 +73,7 @@ print0(f"token bytes: min {int(token_bytes[token_bytes > 0].min())}, mean {token
 def tokens_per_word(name, max_chars=500_000):
     """Tokens per word on a source's validation documents, each encoded as documents are read in a
     conversation (encode_text: with the leading space). A word is a whitespace-separated piece."""
-    docs = list(iter_texts(get_source(name, "val"), max_chars))
+    docs = list(iter_texts(get_source(name, "val", generated=GENERATED), max_chars))
     tokens = sum(len(tokenizer.encode_text(d)) for d in docs)
     return tokens / max(1, sum(len(d.split()) for d in docs))
 

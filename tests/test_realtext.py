@@ -6,6 +6,7 @@ import gzip
 
 import pytest
 
+from tasks.pretraining import GENERATED
 from nanochat.dataset import (RealTextSource, get_source, iter_texts, is_val_file, parse_mix, prose, docstrings,
                               scan_realtext)
 from nanochat.tokenizer import Tokenizer
@@ -128,11 +129,11 @@ def test_mix_interleaves_by_weight(dirs, monkeypatch):
     with pytest.raises(ValueError, match="--data"):
         get_source("nonsense")
     monkeypatch.setenv("NANOCHAT_REALTEXT_ROOTS", str(inside))
-    mix = get_source("embedded:3+realtext:1", "train")
-    embedded, real = get_source("embedded", "train"), get_source("realtext", "train")
+    mix = get_source("embedded:3+realtext:1", "train", generated=GENERATED)
+    embedded, real = get_source("embedded", "train", generated=GENERATED), get_source("realtext", "train")
     docs = [mix.get(i) for i in range(8)]
     assert [d in real.docs for d in docs] == [False, False, True, False] * 2   # spread evenly, not in bursts
     assert [d for d in docs if d in real.docs] == [real.get(0), real.get(1)]
     assert [d for d in docs if d not in real.docs] == [embedded.get(k) for k in range(6)]
-    assert docs == [get_source("embedded:3+realtext:1", "train").get(i) for i in range(8)]   # deterministic
+    assert docs == [get_source("embedded:3+realtext:1", "train", generated=GENERATED).get(i) for i in range(8)]   # deterministic
     assert len(get_source("realtext:1+realtext:1", "train")) == 2 * len(real)
