@@ -16,7 +16,7 @@ import torch
 from nanochat.common import compute_init, die, print0, atomic_write_json
 from nanochat.checkpoint_manager import load_model, find_model_tag
 from nanochat.rollout import evaluate_task
-from nanochat.sft_data import add_kb_flags, build_task, open_kb
+from tasks.sft_data import add_kb_flags, build_task, open_kb
 
 parser = argparse.ArgumentParser(description="Evaluate a chat model on QA with retrieval, or on multiple choice")
 parser.add_argument("--source", default="sft", choices=["base", "sft", "rl"], help="which checkpoint to evaluate")

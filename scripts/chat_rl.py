@@ -21,7 +21,7 @@ import torch
 from nanochat.common import compute_init, compute_cleanup, print0, init_wandb, autocast_ctx, die, sum_over_ranks
 from nanochat.checkpoint_manager import load_model, save_checkpoint, checkpoint_dir, find_model_tag
 from nanochat.optim import setup_optimizers, step_optimizers, all_reduce_grads
-from nanochat.sft_data import add_kb_flags, build_mixture, build_task, parse_mixture, parse_curriculum
+from tasks.sft_data import add_kb_flags, build_mixture, build_task, parse_mixture, parse_curriculum
 from nanochat.rollout import rollout, rl_batch, policy_gradient_loss, evaluate_task
 
 parser = argparse.ArgumentParser(description="RL with the model's own searches: rewards from its generated answers")

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from nanochat.common import compute_init, compute_cleanup, print0, init_wandb, autocast_ctx, die, sum_over_ranks
 from nanochat.checkpoint_manager import load_model, save_checkpoint, checkpoint_dir, find_model_tag
 from nanochat.optim import setup_optimizers, step_optimizers, all_reduce_grads
-from nanochat.sft_data import add_kb_flags, build_mixture, build_task, packed_batches, parse_mixture, \
+from tasks.sft_data import add_kb_flags, build_mixture, build_task, packed_batches, parse_mixture, \
     parse_curriculum, conversation_exact_match
 from nanochat.rollout import evaluate_task
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.conftest import run_module
-from nanochat.sft_data import packed_batches
+from tasks.sft_data import packed_batches
 from nanochat.rollout import rl_batch, policy_gradient_loss, rollout
 from nanochat.retrieval import Document, make_retriever
 from tests.test_engine import scripted_engine, run_scripted
@@ -162,7 +162,7 @@ def test_bad_input(trained_base, kb_and_qa, tmp_path):
 
 
 def test_batch_exact_match_counts_whole_conversations():
-    from nanochat.sft_data import conversation_exact_match
+    from tasks.sft_data import conversation_exact_match
     # row 0: conversation 0 all right, conversation 1 one wrong token; row 1: conversation 0 has no
     # supervised tokens (not counted), conversation 1 right
     targets = torch.tensor([[1, 2, -1, 3, 4], [-1, -1, -1, 2, -1]])

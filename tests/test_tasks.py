@@ -120,7 +120,7 @@ def test_weighted_mixture_prefetches_in_blocks():
 
 
 def test_mixture_weights_parse_as_proportions():
-    from nanochat.sft_data import parse_mixture, parse_curriculum
+    from tasks.sft_data import parse_mixture, parse_curriculum
     assert parse_curriculum("qa:1+world2:3") == [[("qa", 0.25), ("world2", 0.75)]]
     assert parse_mixture("qa:0.5,world2:0.5") == [("qa", 0.5), ("world2", 0.5)]
     assert parse_curriculum("world1,world2+world1") == [[("world1", 1.0)], [("world2", 0.5), ("world1", 0.5)]]
