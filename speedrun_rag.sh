@@ -25,11 +25,11 @@ usage() {
     echo
     echo "flags: --smoke | --gpu | --cpu | --fresh | --block-pattern P | --run-dir DIR | -h"
     echo "env:   BLOCK_PATTERN, RUN_DIR, NPROC (processes per training stage), NANOCHAT_BASE_DIR (download cache),"
-    echo "       SFT_ITERS, RL_ITERS (override the mode's step counts, e.g. a longer SFT for a Mamba pattern)"
+    echo "       BASE_ITERS, SFT_ITERS, RL_ITERS (override the mode's step counts, e.g. a longer SFT for a Mamba pattern)"
 }
 
 MODE="" FRESH=0
-USER_SFT_ITERS="${SFT_ITERS:-}" USER_RL_ITERS="${RL_ITERS:-}"
+USER_BASE_ITERS="${BASE_ITERS:-}" USER_SFT_ITERS="${SFT_ITERS:-}" USER_RL_ITERS="${RL_ITERS:-}"
 BLOCK_PATTERN="${BLOCK_PATTERN:-}"
 RUN_DIR="${RUN_DIR:-}"
 while [ $# -gt 0 ]; do
@@ -108,9 +108,9 @@ else
     echo "error: unknown mode '$MODE'" >&2; exit 2
 fi
 
-SFT_ITERS="${USER_SFT_ITERS:-$SFT_ITERS}"  RL_ITERS="${USER_RL_ITERS:-$RL_ITERS}"
-for n in "$SFT_ITERS" "$RL_ITERS"; do
-    if [[ ! "$n" =~ ^[1-9][0-9]*$ ]]; then echo "error: SFT_ITERS and RL_ITERS must be positive integers, got '$n'" >&2; exit 2; fi
+BASE_ITERS="${USER_BASE_ITERS:-$BASE_ITERS}"  SFT_ITERS="${USER_SFT_ITERS:-$SFT_ITERS}"  RL_ITERS="${USER_RL_ITERS:-$RL_ITERS}"
+for n in "$BASE_ITERS" "$SFT_ITERS" "$RL_ITERS"; do
+    if [[ ! "$n" =~ ^[1-9][0-9]*$ ]]; then echo "error: BASE_ITERS, SFT_ITERS and RL_ITERS must be positive integers, got '$n'" >&2; exit 2; fi
 done
 
 # the block pattern has one letter per layer, so when given it sets the depth

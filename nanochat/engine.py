@@ -7,9 +7,11 @@ Batched sampling with an inference cache, and tools as a token-level state machi
   (one batched call for all rows that searched this step) and injects the documents as
   <|doc_start|>[n] title\\ntext<|doc_end|> blocks, rendered by the same tokenizer code as training.
 
-Injected tokens get mask 0 (the model did not choose them: never trained on in RL), are fed to the
-model in one forward per block, and draw on their own budget, not on max_tokens. The model can
-never sample a token that only tools may write (document and tool-output markers).
+Many prompts (and several samples of each) generate together in one decode loop: one forward per
+step for every row, plus one ragged forward for all rows that received an injected block that step.
+Injected tokens get mask 0 (the model did not choose them: never trained on in RL) and draw on
+their own budget, not on max_tokens. The model can never sample a token that only tools may write
+(document and tool-output markers).
 """
 import ast
 import operator
@@ -63,16 +65,18 @@ def use_calculator(expr):
 
 # ---- sampling ---------------------------------------------------------------------------------
 def sample_next_token(logits, generator, temperature=1.0, top_k=None):
-    """logits (B, V) -> (B,) token ids. temperature 0 is greedy."""
+    """logits (B, V) -> (B,) token ids. temperature 0 is greedy. Sampling inverts each row's CDF
+    at one uniform draw: the same distribution as torch.multinomial, ~10x faster for 64 x 4096."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
+    idx = None
     if top_k is not None and top_k > 0:
-        k = min(top_k, logits.size(-1))
-        vals, idx = torch.topk(logits, k, dim=-1)
-        probs = torch.softmax(vals / temperature, dim=-1)
-        return idx.gather(1, torch.multinomial(probs, 1, generator=generator)).squeeze(1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        logits, idx = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand(probs.size(0), 1, generator=generator, device=probs.device) * cdf[:, -1:]
+    choice = torch.searchsorted(cdf, u).clamp_(max=probs.size(-1) - 1)
+    return (choice if idx is None else idx.gather(1, choice)).squeeze(1)
 
 
 @dataclass
@@ -80,6 +84,7 @@ class RowState:
     """One sample being generated: its tokens, and its completion as conversation parts."""
     tokens: list
     mask: list
+    prompt: int = 0                               # which of the prompts this row continues
     parts: list = field(default_factory=list)     # {"type": "text"|"python"|"python_output"|"search"|"search_results", ...}
     mode: str = "text"                            # what the sampled tokens currently belong to
     pending: list = field(default_factory=list)   # token ids of the part being written
@@ -119,6 +124,9 @@ class Engine:
                 self._flush_text(row)
             row.completed = True
             return None
+        if tok not in self.special_ids:   # the common case: a word piece of the current part
+            row.pending.append(tok)
+            return None
         if row.mode == "text":
             if tok == S["<|python_start|>"]:
                 self._flush_text(row)
@@ -126,13 +134,9 @@ class Engine:
             elif tok == S["<|search_start|>"]:
                 self._flush_text(row)
                 row.mode = "search"
-            elif tok not in self.special_ids:   # a stray control token is kept in the tokens, not in the text
-                row.pending.append(tok)
-            return None
+            return None   # a stray control token is kept in the tokens, not in the text
         end = S["<|python_end|>"] if row.mode == "python" else S["<|search_end|>"]
         if tok != end:
-            if tok not in self.special_ids:
-                row.pending.append(tok)
             return None
         text = self.tokenizer.decode_text(row.pending)
         row.pending, mode, row.mode = [], row.mode, "text"
@@ -145,21 +149,23 @@ class Engine:
         row.parts.append({"type": "python_output", "text": str(result)})
         return [S["<|output_start|>"]] + self.tokenizer.encode_text(str(result)) + [S["<|output_end|>"]]
 
-    def _search_blocks(self, rows, searches):
-        """Run all rows' searches in one retriever call; return {row_index: injected ids}."""
+    def _search_blocks(self, rows, searches, retrievers, top_ks):
+        """Run all rows' searches, one batched retriever call per knowledge base; return
+        {row_index: injected ids}."""
         blocks = {}
-        todo = []
+        todo = {}   # id(retriever) -> [(row index, query)]
         for i, query in searches:
             row = rows[i]
             row.num_searches += 1
-            if self.retriever is None or not query or row.num_searches > self.max_searches:
+            if retrievers[row.prompt] is None or not query or row.num_searches > self.max_searches:
                 # no retriever, empty query or over the hop cap: an empty result, so the model sees its search failed
                 row.parts.append({"type": "search_results", "documents": []})
                 continue
-            todo.append((i, query))
-        if todo:
-            results = self.retriever.search_batch([q for _, q in todo], self.search_top_k)
-            for (i, _), hits in zip(todo, results):
+            todo.setdefault((id(retrievers[row.prompt]), top_ks[row.prompt]), []).append((i, query))
+        for group in todo.values():
+            first = rows[group[0][0]].prompt
+            results = retrievers[first].search_batch([q for _, q in group], top_ks[first])
+            for (i, _), hits in zip(group, results):
                 row = rows[i]
                 docs = [h.document.to_dict() for h in hits]
                 ids = self.tokenizer.render_documents(docs, row.num_docs_shown + 1, self.max_doc_tokens)
@@ -172,77 +178,115 @@ class Engine:
                     blocks[i] = ids
         return blocks
 
+    def _feed(self, cache, rows, seqs):
+        """Feed row rows[j] the tokens seqs[j], all rows in one right-padded forward; returns the
+        logits after each row's last token, (len(rows), V)."""
+        device = cache.lengths.device
+        T = max(len(s) for s in seqs)
+        x = torch.zeros(len(seqs), T, dtype=torch.long)
+        for j, s in enumerate(seqs):
+            x[j, :len(s)] = torch.tensor(s)
+        lengths = torch.tensor([len(s) for s in seqs], device=device)
+        return self.model(x.to(device), cache=cache, rows=rows, lengths=lengths)
+
     @torch.no_grad()
-    def generate(self, tokens, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, seed=42):
+    def generate(self, prompts, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, seed=42,
+                 retrievers=None, top_ks=None):
         """
+        prompts: one prompt (a list of token ids) or a list of prompts, generated together: row
+        p * num_samples + s is sample s of prompt p (RowState.prompt = p). retrievers / top_ks: one
+        per prompt (each question may search its own knowledge base); default the Engine's.
         Yields one step at a time: (new_tokens, new_masks, rows), where new_tokens[i] are the tokens
         row i gained this step (the sampled one, then any injected block) and new_masks[i] their
         masks (1 sampled, 0 injected). `rows` are the RowState objects (parts, counters).
         """
-        assert isinstance(tokens, list) and tokens and isinstance(tokens[0], int), "expected a prompt of token ids"
-        model = self.model
+        if prompts and isinstance(prompts[0], int):
+            prompts = [prompts]
+        assert prompts and all(isinstance(p, list) and p for p in prompts), "expected prompts of token ids"
+        retrievers = retrievers or [self.retriever] * len(prompts)
+        top_ks = top_ks or [self.search_top_k] * len(prompts)
+        model, n = self.model, num_samples
         device = model.lm_head.weight.device
         generator = torch.Generator(device=device).manual_seed(seed)
-        max_len = len(tokens) + max_tokens + self.max_injected_tokens + 1
-        cache = InferenceCache(model, 1, max_len, device)
-        logits = model(torch.tensor([tokens], dtype=torch.long, device=device), cache=cache)[:, -1, :]
-        if num_samples > 1:
-            cache = cache.repeat_batch(num_samples)
-            logits = logits.expand(num_samples, -1).contiguous()
-        rows = [RowState(tokens=list(tokens), mask=[0] * len(tokens)) for _ in range(num_samples)]
+        B = len(prompts) * n
+        # room for the longest prompt and max_tokens; documents grow the cache when they come
+        cache = InferenceCache(model, B, max(len(p) for p in prompts) + max_tokens + 64, device)
+        # prefill the first sample of each prompt (all prompts in one ragged forward), copy to the others
+        logits = torch.empty(B, model.config.vocab_size, device=device)
+        firsts = list(range(0, B, n))
+        logits[firsts] = self._feed(cache, firsts, prompts)
+        if n > 1:
+            cache.fan_out(n)
+            logits = logits.view(len(prompts), n, -1)
+            logits[:, 1:] = logits[:, :1]
+            logits = logits.view(B, -1)
+        rows = [RowState(tokens=list(prompts[i // n]), mask=[0] * len(prompts[i // n]), prompt=i // n) for i in range(B)]
+        not_tokens = torch.zeros(logits.size(-1), dtype=torch.bool, device=device)
+        not_tokens[self.banned] = True
+        not_tokens[self.tokenizer.get_vocab_size():] = True   # padding rows of the embedding are not tokens
+        live = list(range(B))   # cache row j holds rows[live[j]]; finished rows are dropped in batches
         for _ in range(max_tokens):
-            if all(r.completed for r in rows):
+            if all(rows[i].completed for i in live):
                 break
-            logits[:, self.banned] = float("-inf")
-            logits[:, self.tokenizer.get_vocab_size():] = float("-inf")   # padding rows of the embedding are not tokens
-            sampled = sample_next_token(logits, generator, temperature, top_k).tolist()
+            logits.masked_fill_(not_tokens, float("-inf"))
+            sampled_t = sample_next_token(logits, generator, temperature, top_k)
+            sampled = sampled_t.tolist()
             new_tokens = [[] for _ in rows]
             new_masks = [[] for _ in rows]
-            injections, searches = {}, []
-            for i, row in enumerate(rows):
+            injections, searches = {}, []   # keyed by cache row
+            for j, i in enumerate(live):
+                row = rows[i]
                 if row.completed:
                     continue
-                tok = sampled[i]
+                tok = sampled[j]
                 row.tokens.append(tok)
                 row.mask.append(1)
                 new_tokens[i].append(tok)
                 new_masks[i].append(1)
                 action = self._consume(row, tok)
                 if isinstance(action, tuple):
-                    searches.append((i, action[1]))
+                    searches.append((j, action[1]))
                 elif action and row.injected_tokens + len(action) <= self.max_injected_tokens:
-                    injections[i] = action
+                    injections[j] = action
             if searches:
-                injections.update(self._search_blocks(rows, searches))
-            # rows still running and with nothing to inject decode one token together ...
-            plain = [i for i, r in enumerate(rows) if not r.completed and i not in injections]
-            if plain:
-                x = torch.tensor([[sampled[i]] for i in plain], dtype=torch.long, device=device)
-                out = model(x, cache=cache, rows=plain)
-                logits[plain] = out[:, -1, :]
-            # ... rows with an injection feed the sampled token and the whole block in one forward
-            for i, block in injections.items():
-                row = rows[i]
-                row.tokens += block
-                row.mask += [0] * len(block)
-                row.injected_tokens += len(block)
-                new_tokens[i] += block
-                new_masks[i] += [0] * len(block)
-                x = torch.tensor([[sampled[i]] + block], dtype=torch.long, device=device)
-                logits[i] = model(x, cache=cache, rows=[i])[0, -1, :]
+                injections.update(self._search_blocks([rows[i] for i in live], searches, retrievers, top_ks))
+            # every cache row takes its sampled token in one forward (a row that just finished too:
+            # its output is never read, and a full batch reads the cache through views, not gathers) ...
+            logits = model(sampled_t.view(-1, 1), cache=cache)[:, -1, :]
+            # ... then the rows with an injection take their blocks, all in one ragged forward
+            if injections:
+                for j, block in injections.items():
+                    i = live[j]
+                    row = rows[i]
+                    row.tokens += block
+                    row.mask += [0] * len(block)
+                    row.injected_tokens += len(block)
+                    new_tokens[i] += block
+                    new_masks[i] += [0] * len(block)
+                inj_rows = list(injections)
+                logits[inj_rows] = self._feed(cache, inj_rows, list(injections.values()))
             yield new_tokens, new_masks, rows
+            # once a quarter of the batch has finished, drop the finished rows from the cache
+            running = [j for j, i in enumerate(live) if not rows[i].completed]
+            if running and 4 * (len(live) - len(running)) >= len(live):
+                cache.keep(running)
+                logits = logits[running]
+                live = [live[j] for j in running]
         for row in rows:   # a row cut off by max_tokens keeps what it wrote so far
             if row.mode == "text":
                 self._flush_text(row)
 
-    def generate_batch(self, tokens, num_samples=1, keep_stop=False, **kwargs):
-        """Run generate to the end. Returns the RowStates: .tokens (prompt + completion; the stop
-        token only with keep_stop, as RL wants: stopping is a choice too), .mask, .parts."""
+    def generate_batch(self, prompts, num_samples=1, keep_stop=False, **kwargs):
+        """Run generate to the end. Returns the RowStates (prompt-major, as generate): .tokens
+        (prompt + completion; the stop token only with keep_stop, as RL wants: stopping is a choice
+        too), .mask, .parts."""
+        if prompts and isinstance(prompts[0], int):
+            prompts = [prompts]
         rows = None
-        for _, _, rows in self.generate(tokens, num_samples, **kwargs):
+        for _, _, rows in self.generate(prompts, num_samples, **kwargs):
             pass
         if rows is None:   # max_tokens == 0
-            return [RowState(tokens=list(tokens), mask=[0] * len(tokens)) for _ in range(num_samples)]
+            return [RowState(tokens=list(p), mask=[0] * len(p), prompt=i) for i, p in enumerate(prompts) for _ in range(num_samples)]
         for row in rows:
             if not keep_stop and row.tokens[-1] in self.stop_tokens:
                 row.tokens.pop()

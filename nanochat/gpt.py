@@ -93,9 +93,9 @@ class CausalSelfAttention(nn.Module):
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k = norm(q), norm(k)   # QK-norm keeps attention logits in range without a tuned scale
-        if cache is not None:
-            k, v, attn_mask = cache.update_kv(self.layer_idx, rows, k, v)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (B, H, T, D)
+        if cache is not None:
+            k, v = cache.update_kv(self.layer_idx, rows, k, v)
         gqa = self.n_head != self.n_kv_head
         if attn_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
@@ -128,13 +128,13 @@ class Block(nn.Module):
         self.mlp = MLP(config) if (self.kind == "T" or config.mamba_mlp) else None
         self.layer_idx = layer_idx
 
-    def forward(self, x, cos, sin, cache=None, rows=None, attn_mask=None, seq_idx=None):
+    def forward(self, x, cos, sin, cache=None, rows=None, attn_mask=None, seq_idx=None, lengths=None):
         if self.kind == "T":
             x = x + self.attn(norm(x), cos, sin, cache, rows, attn_mask)
         elif cache is None:
             x = x + self.mixer(norm(x), seq_idx=seq_idx)
         else:
-            x = x + cache.mamba_forward(self.layer_idx, self.mixer, norm(x), rows)
+            x = x + cache.mamba_forward(self.layer_idx, self.mixer, norm(x), rows, lengths)
         if self.mlp is not None:
             x = x + self.mlp(norm(x))
         return x
@@ -212,18 +212,21 @@ class GPT(nn.Module):
         return {"matrix": matrices, "embedding": [self.transformer.wte.weight],
                 "unembedding": [self.lm_head.weight], "other": others}
 
-    def forward(self, idx, targets=None, cache=None, rows=None, seq_idx=None, loss_reduction="mean"):
+    def forward(self, idx, targets=None, cache=None, rows=None, lengths=None, seq_idx=None, loss_reduction="mean"):
         """
         idx (B, T) token ids. targets (B, T) with -1 = ignored. seq_idx (B, T) optional document ids
         for packed rows: attention and Mamba state never cross a document boundary.
-        With a cache: rows (list/tensor of row indices into the cache, default all) advance by T.
+        With a cache: rows (list/tensor of row indices into the cache, default all) advance by T,
+        or, with lengths (B,), row b by lengths[b]: idx is then right-padded (each row its own number
+        of tokens, all fed in one forward) and the result is (B, V), the logits after each row's
+        last real token.
         Returns logits (B, T, V) when targets is None, else the loss ("mean" or per-token "none").
         """
         B, T = idx.shape
         attn_mask = None
         if cache is not None:
             rows = cache.resolve_rows(rows, B)
-            pos = cache.lengths[rows].unsqueeze(1) + torch.arange(T, device=idx.device)   # (B, T)
+            pos, attn_mask = cache.begin(rows, T)
             if int(pos.max()) >= self.rotary_len:
                 raise ValueError(f"generation reached {self.rotary_len} positions, the model's rotary limit")
             cos, sin = self.cos[pos].unsqueeze(2), self.sin[pos].unsqueeze(2)
@@ -237,10 +240,12 @@ class GPT(nn.Module):
                 attn_mask = (same & causal).unsqueeze(1)   # (B, 1, T, T)
         x = norm(self.transformer.wte(idx))
         for block in self.transformer.h:
-            x = block(x, cos, sin, cache, rows, attn_mask, seq_idx)
+            x = block(x, cos, sin, cache, rows, attn_mask, seq_idx, lengths)
         x = norm(x)
         if cache is not None:
-            cache.advance(rows, T)
+            cache.advance(rows, T if lengths is None else lengths)
+            if lengths is not None:   # only the last real token of each row is scored
+                x = x[torch.arange(B, device=x.device), lengths.to(x.device) - 1]
         logits = self.lm_head(x).float()
         cap = self.config.logit_softcap
         logits = cap * torch.tanh(logits / cap)
@@ -254,7 +259,10 @@ class GPT(nn.Module):
 class InferenceCache:
     """
     Per-layer generation state for a batch of rows, each with its own length:
-    KV tensors (B, max_len, H_kv, D) for T layers, MambaState for M layers.
+    KV tensors (B, H_kv, max_len, D) for T layers (each head's keys contiguous, as attention reads
+    them), MambaState for M layers. The KV tensors grow
+    (doubling) when a forward would run past max_len, so callers size them for the usual case.
+    A forward over all rows (rows=None) reads the cache through views; a subset of rows gathers.
     """
 
     def __init__(self, model, batch_size, max_len, device=None, dtype=torch.float32):
@@ -266,7 +274,7 @@ class InferenceCache:
         self.k, self.v, self.mamba = {}, {}, {}
         for i, block in enumerate(model.transformer.h):
             if block.kind == "T":
-                self.k[i] = torch.zeros(batch_size, max_len, cfg.n_kv_head, head_dim, device=device, dtype=dtype)
+                self.k[i] = torch.zeros(batch_size, cfg.n_kv_head, max_len, head_dim, device=device, dtype=dtype)
                 self.v[i] = torch.zeros_like(self.k[i])
             else:
                 self.mamba[i] = block.mixer.allocate_state(batch_size, device)
@@ -279,27 +287,51 @@ class InferenceCache:
             return self._all_rows
         return torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)
 
-    def update_kv(self, layer, rows, k, v):
-        """Write k, v (B, T, H, D) at each row's current length; return the rows' keys/values so far
-        and the mask (B, 1, T, S) letting query t of row b see keys < length_b + t + 1."""
-        B, T = k.shape[:2]
+    def begin(self, rows, T):
+        """Start a forward of T tokens for rows: grow the KV tensors if needed; returns the positions
+        (B, T) and the attention mask (B, 1, T, S) letting query t of row b see keys < length_b + t + 1."""
         start = self.lengths[rows]
-        if int(start.max()) + T > self.max_len:
-            raise ValueError(f"inference cache full ({self.max_len} tokens)")
-        pos = start.unsqueeze(1) + torch.arange(T, device=k.device)          # (B, T)
-        r = rows.unsqueeze(1).expand(B, T)
-        self.k[layer][r, pos] = k.to(self.k[layer].dtype)
-        self.v[layer][r, pos] = v.to(self.v[layer].dtype)
         S = int(start.max()) + T
-        keys, vals = self.k[layer][rows, :S], self.v[layer][rows, :S]
-        mask = torch.arange(S, device=k.device)[None, None, :] <= pos[:, :, None]   # (B, T, S)
-        return keys.to(k.dtype), vals.to(v.dtype), mask.unsqueeze(1)
+        if S > self.max_len:
+            self._grow(max(S, 2 * self.max_len))
+        self._pos = start.unsqueeze(1) + torch.arange(T, device=start.device)   # (B, T)
+        self._S = S
+        mask = torch.arange(S, device=start.device)[None, None, :] <= self._pos[:, :, None]
+        return self._pos, mask.unsqueeze(1)
 
-    def mamba_forward(self, layer, mixer, x, rows):
-        """Run a Mamba mixer for a subset of rows, continuing from and updating their state."""
+    def _grow(self, new_len):
+        for store in (self.k, self.v):
+            for i, t in store.items():
+                bigger = t.new_zeros(t.shape[0], t.shape[1], new_len, t.shape[3])
+                bigger[:, :, :self.max_len] = t
+                store[i] = bigger
+        self.max_len = new_len
+
+    def update_kv(self, layer, rows, k, v):
+        """Write k, v (B, H, T, D) at the positions `begin` computed; return the rows' keys/values so
+        far, (B, H, S, D)."""
+        B, _, T, _ = k.shape
+        kc, vc = self.k[layer], self.v[layer]
+        if rows is self._all_rows and T == 1:   # a decode step: a scatter along time
+            idx = self._pos.view(B, 1, 1, 1).expand(B, kc.shape[1], 1, kc.shape[3])
+            kc.scatter_(2, idx, k.to(kc.dtype))
+            vc.scatter_(2, idx, v.to(vc.dtype))
+        else:
+            r = rows.unsqueeze(1).expand(B, T)
+            kc[r, :, self._pos] = k.transpose(1, 2).to(kc.dtype)   # indexed (B, T, H, D)
+            vc[r, :, self._pos] = v.transpose(1, 2).to(vc.dtype)
+        if rows is self._all_rows:
+            keys, vals = kc[:, :, :self._S], vc[:, :, :self._S]
+        else:
+            keys, vals = kc[rows, :, :self._S], vc[rows, :, :self._S]
+        return keys.to(k.dtype), vals.to(v.dtype)
+
+    def mamba_forward(self, layer, mixer, x, rows, lengths=None):
+        """Run a Mamba mixer for a subset of rows, continuing from and updating their state
+        (with lengths: row b's state stops after its lengths[b] real tokens)."""
         full = rows is self._all_rows or (len(rows) == self.batch_size and bool((rows == self._all_rows).all()))
         state = self.mamba[layer] if full else self.mamba[layer].index_select(rows)
-        y = mixer.step(x, state) if x.shape[1] == 1 else mixer(x, state=state)
+        y = mixer.step(x, state) if x.shape[1] == 1 else mixer(x, state=state, lengths=lengths)
         if not full:
             self.mamba[layer].conv[rows] = state.conv
             self.mamba[layer].ssm[rows] = state.ssm
@@ -308,14 +340,29 @@ class InferenceCache:
     def advance(self, rows, T):
         self.lengths[rows] += T
 
-    def repeat_batch(self, n):
-        """A batch-1 cache (the prefilled prompt) copied into n rows."""
-        assert self.batch_size == 1, "repeat_batch expects a batch-1 cache"
-        new = object.__new__(InferenceCache)
-        new.batch_size, new.max_len = n, self.max_len
-        new.lengths = self.lengths.repeat(n)
-        new.k = {i: t.repeat(n, 1, 1, 1) for i, t in self.k.items()}
-        new.v = {i: t.repeat(n, 1, 1, 1) for i, t in self.v.items()}
-        new.mamba = {i: s.repeat_batch(n) for i, s in self.mamba.items()}
-        new._all_rows = torch.arange(n, device=self.lengths.device)
-        return new
+    def keep(self, rows):
+        """Drop every row not in rows (finished samples): row rows[j] becomes row j."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)
+        for store in (self.k, self.v):
+            for i, t in store.items():
+                store[i] = t.index_select(0, rows)
+        self.mamba = {i: state.index_select(rows) for i, state in self.mamba.items()}
+        self.lengths = self.lengths.index_select(0, rows)
+        self.batch_size = len(rows)
+        self._all_rows = torch.arange(self.batch_size, device=self.lengths.device)
+
+    def fan_out(self, n):
+        """Rows are groups of n samples of one prompt, and only the first row of each group was
+        prefilled: copy it into the other n - 1 rows of its group."""
+        P = self.batch_size // n
+        L = int(self.lengths.max())
+        for store in (self.k, self.v):
+            for t in store.values():
+                g = t.view(P, n, *t.shape[1:])
+                g[:, 1:, :, :L] = g[:, :1, :, :L]
+        for state in self.mamba.values():
+            for t in (state.conv, state.ssm):
+                g = t.view(P, n, *t.shape[1:])
+                g[:, 1:] = g[:, :1]
+        g = self.lengths.view(P, n)
+        g[:, 1:] = g[:, :1]

@@ -365,13 +365,15 @@ class Mamba2Mixer(nn.Module):
         # activations and fp32 master weights, with or without autocast
         return F.linear(y, self.out_proj.weight.to(y.dtype))
 
-    def forward(self, x, seq_idx=None, state=None):
+    def forward(self, x, seq_idx=None, state=None, lengths=None):
         """
         x (b, l, d_model) -> (b, l, d_model).
         seq_idx (b, l) int: document id of each token of a packed row (starting at 0 in each row,
         contiguous); neither the conv nor the SSM state crosses a change of id.
         state: a MambaState to continue from (prefill, possibly a later piece of one); it is
         updated in place to the state after the last token, of the row's last document.
+        lengths (b,), with state: row b has only lengths[b] real tokens, the rest is padding; its
+        state is left as it was after its last real token (the outputs at padding are garbage).
         """
         b, l, _ = x.shape
         if state is not None and l == 1:
@@ -380,10 +382,19 @@ class Mamba2Mixer(nn.Module):
         zxbcdt = F.linear(x, self.in_proj.weight.to(x.dtype))
         z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
         A = -torch.exp(_f32(self.A_log))  # exp of a low-precision A_log can overflow
+        if lengths is not None:
+            # a step with dt = softplus(-1e4) = 0 neither decays nor writes the state: padding is a no-op
+            pad = torch.arange(l, device=x.device)[None, :] >= lengths.to(x.device)[:, None]
+            dt = dt.masked_fill(pad.unsqueeze(-1), -1e4)
 
         if state is not None:
             # the conv state after this call: the last d_conv inputs, counting the old state's columns
-            cols = torch.cat([state.conv, xBC.transpose(1, 2).to(state.conv.dtype)], dim=-1)[:, :, -self.d_conv:]
+            cols = torch.cat([state.conv, xBC.transpose(1, 2).to(state.conv.dtype)], dim=-1)
+            if lengths is None:
+                cols = cols[:, :, -self.d_conv:]
+            else:   # the d_conv columns that end at row b's last real token
+                idx = lengths.to(x.device)[:, None] + torch.arange(self.d_conv, device=x.device)
+                cols = cols.gather(2, idx[:, None, :].expand(b, self.conv_dim, self.d_conv))
             if seq_idx is not None:  # columns of an earlier document must not leak into the next step
                 sid = torch.cat([seq_idx[:, :1].expand(b, self.d_conv), seq_idx], dim=1)[:, -self.d_conv:]
                 cols = cols * (sid == seq_idx[:, -1:]).unsqueeze(1).to(cols.dtype)

@@ -23,44 +23,58 @@ def gold_ids(example):
 
 
 @torch.no_grad()
+def rollouts(model, tokenizer, tasks, examples, num_samples=1, temperature=0.0, top_k=None, max_tokens=64,
+             seed=0, max_searches=4, retrieval=True, keep_stop=False):
+    """Generate num_samples completions for each example (examples[j] from tasks[j]), all in one
+    Engine run. Returns one (prompt_ids, samples) per example, where each sample is a dict: row
+    (RowState: tokens, mask, parts), reward, em, f1, searches, valid_searches, gold_recall, length
+    (sampled tokens), answer."""
+    conversations = [ex if retrieval else without_retrieval(ex) for ex in examples]
+    retrievers = [task.retriever_for(ex) if (retrieval and hasattr(task, "retriever_for")) else None
+                  for task, ex in zip(tasks, examples)]
+    engine = Engine(model, tokenizer, max_searches=max_searches)
+    prompts = [tokenizer.render_for_completion(c, max_tokens=model.config.sequence_len) for c in conversations]
+    rows = engine.generate_batch(prompts, num_samples, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                                 seed=seed, keep_stop=keep_stop, retrievers=retrievers,
+                                 top_ks=[getattr(task, "top_k", 3) for task in tasks])
+    results = []
+    for j, (task, example, conversation, prompt) in enumerate(zip(tasks, examples, conversations, prompts)):
+        answers = example.get("answers") or []
+        gold = gold_ids(example)
+        samples = []
+        for row in rows[j * num_samples:(j + 1) * num_samples]:
+            parts = row.parts
+            queries = search_queries(parts)
+            shown = [d["id"] for d in retrieved_documents(parts)]
+            # documents in the prompt count as retrieved too (RAG: retrieval happened before the question)
+            shown += [d["id"] for m in conversation["messages"] if m["role"] == "retrieval" for d in m["documents"]]
+            answer = answer_text(parts)
+            samples.append({
+                "row": row,
+                "reward": float(task.reward(example, parts)),
+                "em": float(exact_match(answer, answers)) if answers else float(task.evaluate(example, parts)),
+                "f1": float(f1_score(answer, answers)) if answers else 0.0,
+                "searches": len(queries),
+                "valid_searches": sum(well_formed_query(q) for q in queries),
+                "gold_recall": gold_recall(shown, gold) if gold else float("nan"),
+                "length": sum(row.mask[len(prompt):]),
+                "answer": answer,
+            })
+        results.append((prompt, samples))
+    return results
+
+
 def rollout(model, tokenizer, task, example, num_samples=1, temperature=0.0, top_k=None, max_tokens=64,
             seed=0, max_searches=4, retrieval=True, keep_stop=False):
-    """Generate num_samples completions for one example. Returns (prompt_ids, samples) where each
-    sample is a dict: row (RowState: tokens, mask, parts), reward, em, f1, searches,
-    valid_searches, gold_recall, length (sampled tokens)."""
-    conversation = example if retrieval else without_retrieval(example)
-    retriever = task.retriever_for(example) if (retrieval and hasattr(task, "retriever_for")) else None
-    engine = Engine(model, tokenizer, retriever=retriever, search_top_k=getattr(task, "top_k", 3),
-                    max_searches=max_searches)
-    prompt = tokenizer.render_for_completion(conversation, max_tokens=model.config.sequence_len)
-    rows = engine.generate_batch(prompt, num_samples, max_tokens=max_tokens, temperature=temperature,
-                                 top_k=top_k, seed=seed, keep_stop=keep_stop)
-    answers = example.get("answers") or []
-    gold = gold_ids(example)
-    samples = []
-    for row in rows:
-        parts = row.parts
-        queries = search_queries(parts)
-        shown = [d["id"] for d in retrieved_documents(parts)]
-        # documents in the prompt count as retrieved too (RAG: retrieval happened before the question)
-        shown += [d["id"] for m in conversation["messages"] if m["role"] == "retrieval" for d in m["documents"]]
-        answer = answer_text(parts)
-        samples.append({
-            "row": row,
-            "reward": float(task.reward(example, parts)),
-            "em": float(exact_match(answer, answers)) if answers else float(task.evaluate(example, parts)),
-            "f1": float(f1_score(answer, answers)) if answers else 0.0,
-            "searches": len(queries),
-            "valid_searches": sum(well_formed_query(q) for q in queries),
-            "gold_recall": gold_recall(shown, gold) if gold else float("nan"),
-            "length": sum(row.mask[len(prompt):]),
-            "answer": answer,
-        })
-    return prompt, samples
+    """rollouts for a single example: (prompt_ids, samples)."""
+    return rollouts(model, tokenizer, [task], [example], num_samples, temperature, top_k, max_tokens, seed,
+                    max_searches, retrieval, keep_stop)[0]
 
 
-def evaluate_task(model, tokenizer, task, num_examples, max_tokens=64, retrieval=True, max_searches=4, start=0):
-    """Greedy decoding on the first num_examples examples; mean of each metric."""
+def evaluate_task(model, tokenizer, task, num_examples, max_tokens=64, retrieval=True, max_searches=4, start=0,
+                  batch_size=32):
+    """Greedy decoding on the first num_examples examples, batch_size questions generated
+    together; mean of each metric."""
     keys = ("em", "f1", "searches", "valid_searches", "gold_recall", "length")
     totals = {k: 0.0 for k in keys}
     counted = {k: 0 for k in keys}
@@ -70,15 +84,17 @@ def evaluate_task(model, tokenizer, task, num_examples, max_tokens=64, retrieval
     was_training = model.training
     model.eval()
     records = []
-    for i in range(start, start + n):
-        example = task[i]
-        _, (s,) = rollout(model, tokenizer, task, example, 1, 0.0, None, max_tokens, 0, max_searches, retrieval)
-        for k in keys:
-            if s[k] == s[k]:   # skip NaN (no gold documents)
-                totals[k] += s[k]
-                counted[k] += 1
-        records.append({"question": next(m["content"] for m in reversed(example["messages"]) if m["role"] == "user"),
-                        "answers": example.get("answers"), "answer": s["answer"], "parts": s["row"].parts, "em": s["em"]})
+    for first in range(start, start + n, batch_size):
+        examples = [task[i] for i in range(first, min(first + batch_size, start + n))]
+        results = rollouts(model, tokenizer, [task] * len(examples), examples, 1, 0.0, None, max_tokens, 0,
+                           max_searches, retrieval)
+        for example, (_, (s,)) in zip(examples, results):
+            for k in keys:
+                if s[k] == s[k]:   # skip NaN (no gold documents)
+                    totals[k] += s[k]
+                    counted[k] += 1
+            records.append({"question": next(m["content"] for m in reversed(example["messages"]) if m["role"] == "user"),
+                            "answers": example.get("answers"), "answer": s["answer"], "parts": s["row"].parts, "em": s["em"]})
     if was_training:
         model.train()
     metrics = {k: totals[k] / counted[k] if counted[k] else float("nan") for k in keys}

@@ -22,7 +22,7 @@ from nanochat.common import compute_init, compute_cleanup, print0, init_wandb, a
 from nanochat.checkpoint_manager import load_model, save_checkpoint, checkpoint_dir, find_model_tag
 from nanochat.optim import setup_optimizers, step_optimizers, all_reduce_grads
 from tasks.sft_data import add_kb_flags, build_mixture, build_task, parse_mixture, parse_curriculum
-from nanochat.rollout import rollout, rl_batch, policy_gradient_loss, evaluate_task
+from nanochat.rollout import rollouts, rl_batch, policy_gradient_loss, evaluate_task
 
 parser = argparse.ArgumentParser(description="RL with the model's own searches: rewards from its generated answers")
 parser.add_argument("--source", default="sft", choices=["sft", "rl"], help="checkpoint to start from")
@@ -114,21 +114,23 @@ while True:
     t0 = time.time()
     # --- rollouts: the policy answers each question num_samples times, searching as it likes
     model.eval()
+    # prompts of all ranks take the stage's draws in turn: a function of (step, k, rank), no cursor
+    mixture = stage_tasks[stage]
+    picks = [(((step - stage_start) * args.prompts_per_step + k) * world_size + rank) % len(mixture)
+             for k in range(args.prompts_per_step)]
+    # every sample of every question of the step in one Engine run
+    groups = rollouts(model, tokenizer, [mixture.task_at(i) for i in picks], [mixture[i] for i in picks],
+                      args.num_samples, args.temperature, None, args.max_new_tokens,
+                      seed=hash((args.seed, step, rank)) & 0x7FFFFFFF, max_searches=args.max_searches, keep_stop=True)
     samples, advantages = [], []
-    for k in range(args.prompts_per_step):
-        # prompts of all ranks take the stage's draws in turn: a function of (step, k, rank), no cursor
-        mixture = stage_tasks[stage]
-        i = (((step - stage_start) * args.prompts_per_step + k) * world_size + rank) % len(mixture)
-        task, example = mixture.task_at(i), mixture[i]
-        _, group = rollout(model, tokenizer, task, example, args.num_samples, args.temperature, None,
-                           args.max_new_tokens, seed=hash((args.seed, step, rank, k)) & 0x7FFFFFFF,
-                           max_searches=args.max_searches, keep_stop=True)
+    for _, group in groups:
         rewards = torch.tensor([s["reward"] for s in group])
         adv = rewards - rewards.mean()
         if args.advantage == "grpo":
             adv = adv / (rewards.std() + 1e-4)
         samples += group
         advantages += adv.tolist()
+    rollout_time = time.time() - t0
     # --- policy gradient on the sampled tokens only
     model.train()
     x, y = rl_batch(samples, pad_id, device)
@@ -155,7 +157,7 @@ while True:
     recent_em.append(em)
     print0(f"step {step:4d}/{args.num_iterations} | stage {stage} | reward {reward:.3f} | EM {em:.3f} | "
            f"searches/q {per_q:.2f} | valid searches {valid_rate:.2f} | gold recall {gold_recall:.2f} | "
-           f"len {length:.1f} | {dt:.1f}s")
+           f"len {length:.1f} | {dt:.1f}s ({rollout_time:.1f}s rollouts)")
     wandb_run.log({"step": step, "reward": reward, "em": em, "searches_per_question": per_q,
                    "valid_search_rate": valid_rate, "gold_recall": gold_recall, "response_length": length})
     if master:

@@ -65,22 +65,23 @@ class ScriptedGPT(GPT):
     prompt_len = 0
     favour = None   # a token id given a huge logit at every step (to test banning)
 
-    def forward(self, idx, targets=None, cache=None, rows=None, **kw):
-        logits = super().forward(idx, targets, cache=cache, rows=rows, **kw)
+    def forward(self, idx, targets=None, cache=None, rows=None, lengths=None, **kw):
+        logits = super().forward(idx, targets, cache=cache, rows=rows, lengths=lengths, **kw)
         if cache is None:
             return logits
         rows_t = cache.resolve_rows(rows, idx.size(0))
         forced = torch.full_like(logits, -30.0)
-        prefill = int(cache.lengths.max()) == idx.size(1)   # the prompt: nothing sampled yet
+        last = forced if lengths is not None else forced[:, -1]   # (B, V) after each row's last token
         for b, r in enumerate(rows_t.tolist()):
-            # after the prompt, every forward starts with exactly one sampled token (then any injected block)
-            if not prefill:
+            # the Engine's decode step feeds every row its sampled token (no lengths); the prompt
+            # and injected blocks come ragged (with lengths)
+            if lengths is None:
                 self._sampled[r] = self._sampled.get(r, 0) + 1
             k = self._sampled.get(r, 0)
             if k < len(self.script):
-                forced[b, -1, self.script[k]] = 30.0
+                last[b, self.script[k]] = 30.0
             if self.favour is not None:
-                forced[b, -1, self.favour] = 100.0
+                last[b, self.favour] = 100.0
         return forced
 
 
@@ -229,3 +230,134 @@ def test_stray_control_tokens_stay_out_of_text(tokenizer):
     rows = run_scripted(model, engine, tokenizer.encode("q", prepend="<|bos|>"), max_tokens=20, temperature=0.0)
     assert rows[0].parts == [{"type": "text", "text": "the cat"}]
     assert S["<|search_end|>"] in rows[0].tokens   # still in the sequence the model produced (RL trains on it)
+
+
+class PartlyScriptedGPT(GPT):
+    """A real GPT that is pushed, row by row, to write a given opening (a search, a calculator
+    call, a stop) and is free (greedy on its own logits) where the script says None. Row r follows
+    self.scripts[self.row_script[r]]; r is the row's index in the first cache (self.origin follows
+    the rows when the Engine drops finished ones)."""
+
+    def forward(self, idx, targets=None, cache=None, rows=None, lengths=None, **kw):
+        logits = super().forward(idx, targets, cache=cache, rows=rows, lengths=lengths, **kw)
+        if cache is None:
+            return logits
+        if not hasattr(cache, "origin"):
+            cache.origin = list(range(cache.batch_size))
+        last = logits if lengths is not None else logits[:, -1]
+        for b, r in enumerate(cache.resolve_rows(rows, idx.size(0)).tolist()):
+            r = cache.origin[r]
+            if lengths is None:
+                self._sampled[r] = self._sampled.get(r, 0) + 1
+            script = self.scripts[self.row_script[r]]
+            k = self._sampled.get(r, 0)
+            if k < len(script) and script[k] is not None:
+                last[b, script[k]] += 1000.0
+            else:   # free, but tools and stops happen only where the script says
+                last[b, self.special_ids] -= 1000.0
+        return logits
+
+
+@pytest.mark.parametrize("pattern", ["TT", "MM", "TM"])
+def test_batched_prompts_equal_one_at_a_time(tokenizer, pattern, monkeypatch):
+    """Several prompts of different lengths, several samples each, generated together: every row
+    equals the same prompt generated alone, token for token (greedy), with searches, calculator
+    calls and rows that stop at different steps."""
+    S = tokenizer.special
+    torch.manual_seed(0)
+    cfg = GPTConfig(sequence_len=128, vocab_size=tokenizer.get_vocab_size(), n_layer=len(pattern), n_head=2,
+                    n_kv_head=1, n_embd=64, block_pattern=pattern, mamba_d_state=16, mamba_headdim=16,
+                    mamba_chunk_size=8)
+    model = PartlyScriptedGPT(cfg)
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.add_(torch.randn_like(p) * 0.05)
+    model.eval()
+    model.special_ids = list(S.values())
+    keep = InferenceCache.keep
+
+    kept = []
+
+    def keep_and_follow(cache, rows):   # the scripted model keys its scripts by the first cache's rows
+        kept.append(len(rows))
+        cache.origin = [cache.origin[r] for r in rows]
+        keep(cache, rows)
+    monkeypatch.setattr(InferenceCache, "keep", keep_and_follow)
+    docs = [Document("d1", "King", "The old king was born in the river city of Ash."),
+            Document("d2", "Cat", "The cat sat on the mat near the door."),
+            Document("d3", "Dog", "The dog ran under the house and slept.")]
+    retriever = make_retriever("simple", docs)
+    search = lambda q: [S["<|search_start|>"]] + tokenizer.encode_text(q) + [S["<|search_end|>"]]
+    model.scripts = [
+        search("king born") + [None] * 3 + [S["<|assistant_end|>"]],              # search, 3 free tokens, stop
+        [None, None] + [S["<|python_start|>"]] + tokenizer.encode_text("12*12") + [S["<|python_end|>"]],   # free after the result
+        [None] * 5 + search("dog house") + [None] * 2 + search("cat mat") + [None] * 4 + [S["<|assistant_end|>"]],
+        [None] * 40,                                                               # never stops: cut by max_tokens
+    ]
+    prompts = [tokenizer.encode(text, prepend="<|bos|>") for text in
+               ("Where was the king born?", "q", "Tell me about the dog and the cat please, in detail.", "The old king")]
+    engine = Engine(model, tokenizer, retriever=retriever, search_top_k=2)
+    n = 2
+    model._sampled, model.row_script = {}, [r // n for r in range(len(prompts) * n)]
+    together = engine.generate_batch(prompts, n, max_tokens=30, temperature=0.0)
+    assert [r.prompt for r in together] == [r // n for r in range(len(prompts) * n)]
+    for p, prompt in enumerate(prompts):
+        model._sampled, model.row_script = {}, [p] * n
+        alone = engine.generate_batch(prompt, n, max_tokens=30, temperature=0.0)
+        for s in range(n):
+            row = together[p * n + s]
+            assert row.tokens == alone[s].tokens
+            assert row.mask == alone[s].mask
+            assert row.parts == alone[s].parts
+    kinds = [[part["type"] for part in row.parts] for row in together[::n]]
+    assert kinds[0][:2] == ["search", "search_results"] and kinds[2].count("search_results") == 2
+    assert "python_output" in kinds[1]
+    lengths = {sum(row.mask) for row in together}
+    assert len(lengths) > 1   # rows stopped at different steps
+    assert kept   # ... and the finished ones were dropped from the cache along the way
+
+
+def test_per_prompt_retrievers_and_seeded_sampling(tokenizer):
+    """Each prompt searches its own knowledge base; sampling with a seed is reproducible."""
+    S = tokenizer.special
+    kb_a = make_retriever("simple", [Document("a1", "Alpha", "Alpha facts.")])
+    kb_b = make_retriever("simple", [Document("b1", "Beta", "Beta facts.")])
+    script = [S["<|search_start|>"]] + tokenizer.encode("facts") + [S["<|search_end|>"], S["<|assistant_end|>"]]
+    model, engine = scripted_engine(tokenizer, script)
+    prompts = [tokenizer.encode("q", prepend="<|bos|>"), tokenizer.encode("a longer question", prepend="<|bos|>")]
+    model._sampled = {}
+    rows = engine.generate_batch(prompts, 2, max_tokens=10, temperature=0.0, retrievers=[kb_a, kb_b], top_ks=[1, 1])
+    found = [row.parts[1]["documents"][0]["id"] for row in rows]
+    assert found == ["a1", "a1", "b1", "b1"]
+    model = tiny_model(tokenizer.get_vocab_size(), "TM")
+    engine = Engine(model, tokenizer)
+    runs = [[r.tokens for r in engine.generate_batch(prompts, 3, max_tokens=15, temperature=1.0, seed=seed)]
+            for seed in (5, 5, 6)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+@pytest.mark.parametrize("pattern", ["TT", "TM", "MM"])
+def test_ragged_forward_equals_rows_alone(tokenizer, pattern):
+    """Rows fed different numbers of tokens in one right-padded forward (lengths) end in the same
+    state, with the same last logits, as each row fed alone; the KV cache grows when it must."""
+    model = tiny_model(tokenizer.get_vocab_size(), pattern)
+    V = tokenizer.get_vocab_size()
+    a, b = torch.randint(0, V, (1, 9)), torch.randint(0, V, (1, 4))
+    more_a, more_b = torch.randint(0, V, (1, 3)), torch.randint(0, V, (1, 7))
+    alone = InferenceCache(model, 2, 8)   # too small on purpose: it must grow
+    ref_a = model(a, cache=alone, rows=[0])[0, -1]
+    ref_b = model(b, cache=alone, rows=[1])[0, -1]
+    ref_a2 = model(more_a, cache=alone, rows=[0])[0, -1]
+    ref_b2 = model(more_b, cache=alone, rows=[1])[0, -1]
+    ragged = InferenceCache(model, 2, 8)
+    x = torch.zeros(2, 9, dtype=torch.long)
+    x[0], x[1, :4] = a[0], b[0]
+    first = model(x, cache=ragged, lengths=torch.tensor([9, 4]))
+    x = torch.zeros(2, 7, dtype=torch.long)
+    x[0, :3], x[1] = more_a[0], more_b[0]
+    second = model(x, cache=ragged, lengths=torch.tensor([3, 7]))
+    assert torch.allclose(first[0], ref_a, atol=1e-5) and torch.allclose(first[1], ref_b, atol=1e-5)
+    assert torch.allclose(second[0], ref_a2, atol=1e-5) and torch.allclose(second[1], ref_b2, atol=1e-5)
+    assert ragged.lengths.tolist() == [12, 11]
