@@ -105,7 +105,11 @@ for pattern in args.patterns:
 if args.base_dir:
     os.environ["NANOCHAT_BASE_DIR"] = os.path.abspath(args.base_dir)
     from nanochat.checkpoint_manager import load_model, find_model_tag
-    from nanochat.rollout import rollout, rollouts
+    from nanochat.rollout import rollout
+    try:
+        from nanochat.rollout import rollouts
+    except ImportError:   # an older checkout (for a before/after comparison): one question at a time only
+        rollouts = None
     from tasks.sft_data import build_mixture, add_kb_flags, parse_curriculum
     model, tokenizer, _ = load_model(args.source, "cpu", phase="eval", model_tag=find_model_tag(args.source))
     kb = argparse.ArgumentParser()
@@ -121,10 +125,12 @@ if args.base_dir:
         for k, (task, example) in enumerate(zip(tasks, examples)):
             rollout(model, tokenizer, task, example, 8, 1.0, None, 48, seed=k, keep_stop=True)
         timings["one question at a time"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        rollouts(model, tokenizer, tasks, examples, 8, 1.0, None, 48, seed=step, keep_stop=True)
-        timings["all questions together"].append(time.perf_counter() - t0)
+        if rollouts is not None:
+            t0 = time.perf_counter()
+            rollouts(model, tokenizer, tasks, examples, 8, 1.0, None, 48, seed=step, keep_stop=True)
+            timings["all questions together"].append(time.perf_counter() - t0)
     print(f"\nRL rollouts of {args.base_dir} ({args.source}), {args.curriculum}, 8 questions x 8 samples, "
           f"48 new tokens, mean of {args.rl_steps} steps:")
     for name, ts in timings.items():
-        print(f"  {name}: {sum(ts) / len(ts):.2f} s/step")
+        if ts:
+            print(f"  {name}: {sum(ts) / len(ts):.2f} s/step")

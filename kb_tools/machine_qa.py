@@ -114,8 +114,10 @@ def services():
     for name, entries in by_name.items():
         doc_id = f"service-{name}"
         docs.append({"id": doc_id, "title": name, "text": "\n".join(e[2] for e in entries)})
-        port, proto = entries[0][0], entries[0][1]
-        qs.append(qa(f"Which port does the {name} service use?", port, doc_id, "port", [f"{port}/{proto}"]))
+        port = entries[0][0]
+        # "464/udp" answers "which port does kpasswd use" as well as "464/tcp" does
+        qs.append(qa(f"Which port does the {name} service use?", port, doc_id, "port",
+                     [f"{p}/{proto}" for p, proto, _ in entries if p == port]))
     return docs, qs
 
 

@@ -212,7 +212,8 @@ class GPT(nn.Module):
         return {"matrix": matrices, "embedding": [self.transformer.wte.weight],
                 "unembedding": [self.lm_head.weight], "other": others}
 
-    def forward(self, idx, targets=None, cache=None, rows=None, lengths=None, seq_idx=None, loss_reduction="mean"):
+    def forward(self, idx, targets=None, cache=None, rows=None, lengths=None, seq_idx=None, loss_reduction="mean",
+                with_hits=False):
         """
         idx (B, T) token ids. targets (B, T) with -1 = ignored. seq_idx (B, T) optional document ids
         for packed rows: attention and Mamba state never cross a document boundary.
@@ -220,7 +221,8 @@ class GPT(nn.Module):
         or, with lengths (B,), row b by lengths[b]: idx is then right-padded (each row its own number
         of tokens, all fed in one forward) and the result is (B, V), the logits after each row's
         last real token.
-        Returns logits (B, T, V) when targets is None, else the loss ("mean" or per-token "none").
+        Returns logits (B, T, V) when targets is None, else the loss ("mean" or per-token "none"),
+        and with with_hits also (B, T) bools: the argmax is the target (see supervised_loss).
         """
         B, T = idx.shape
         attn_mask = None
@@ -246,14 +248,33 @@ class GPT(nn.Module):
             cache.advance(rows, T if lengths is None else lengths)
             if lengths is not None:   # only the last real token of each row is scored
                 x = x[torch.arange(B, device=x.device), lengths.to(x.device) - 1]
+        if targets is None:
+            return self.head(x)
+        loss, hits = self.supervised_loss(x, targets, loss_reduction)
+        return (loss, hits) if with_hits else loss
+
+    def head(self, x):
+        """Final hidden states -> soft-capped logits (fp32)."""
         logits = self.lm_head(x).float()
         cap = self.config.logit_softcap
-        logits = cap * torch.tanh(logits / cap)
-        if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                               reduction=loss_reduction)
-        return loss
+        return cap * torch.tanh(logits / cap)
+
+    def supervised_loss(self, x, targets, loss_reduction="mean"):
+        """Cross-entropy of final hidden states x (B, T, C) against targets (-1 = ignored), with the
+        head run only where a target is: SFT and RL supervise a few percent of the positions, and the
+        (B, T, vocab) logits of the rest were most of a step's time and memory. Returns (loss, hits):
+        loss "mean" or per-token "none" (flat B*T, 0 where ignored), hits (B, T) bool, True where the
+        argmax is the target (teacher-forced exact match)."""
+        supervised = targets >= 0
+        every = bool(supervised.all())
+        logits = self.head(x.flatten(0, 1) if every else x[supervised])
+        picked = targets.reshape(-1) if every else targets[supervised]
+        loss = F.cross_entropy(logits, picked, reduction="none" if loss_reduction == "none" else "mean")
+        hits = torch.zeros_like(supervised)
+        hits[supervised] = logits.detach().argmax(-1) == picked
+        if loss_reduction == "none" and not every:
+            loss = torch.zeros(targets.shape, dtype=loss.dtype, device=loss.device).masked_scatter(supervised, loss)
+        return (loss.reshape(-1) if loss_reduction == "none" else loss), hits
 
 
 class InferenceCache:

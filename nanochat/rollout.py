@@ -119,10 +119,9 @@ def rl_batch(samples, pad_id, device):
     return x.to(device), y.to(device)
 
 
-def policy_gradient_loss(logits, targets, advantages):
+def policy_gradient_loss(nll, targets, advantages):
     """REINFORCE: -sum(advantage * log p(chosen token)) over the policy's own tokens, divided by
-    their count (token-level normalisation). Positions with target -1 contribute nothing."""
-    logp = -torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                              ignore_index=-1, reduction="none").view(targets.shape)
+    their count (token-level normalisation). nll (B, T): -log p of each target token, as
+    GPT.forward(x, targets, loss_reduction="none") gives it; positions with target -1 contribute nothing."""
     valid = (targets >= 0).float()
-    return -(logp * valid * advantages[:, None]).sum() / valid.sum().clamp(min=1)
+    return (nll * valid * advantages[:, None]).sum() / valid.sum().clamp(min=1)

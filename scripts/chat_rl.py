@@ -136,8 +136,8 @@ while True:
     x, y = rl_batch(samples, pad_id, device)
     adv = torch.tensor(advantages, dtype=torch.float32, device=device)
     with autocast_ctx(device):
-        logits = model(x)
-    loss = policy_gradient_loss(logits, y, adv)
+        nll = model(x, y, loss_reduction="none").view(y.shape)   # the head runs only on sampled tokens
+    loss = policy_gradient_loss(nll, y, adv)
     loss.backward()
     all_reduce_grads(model)
     lrm = 1.0 - step / args.num_iterations   # linear decay to 0, as nanochat's RL

@@ -29,7 +29,6 @@ import argparse
 from collections import deque
 
 import torch
-import torch.nn.functional as F
 
 from nanochat.common import compute_init, compute_cleanup, print0, init_wandb, autocast_ctx, die, sum_over_ranks
 from nanochat.checkpoint_manager import load_model, save_checkpoint, checkpoint_dir, find_model_tag
@@ -203,12 +202,11 @@ while True:
     t0 = time.time()
     x, y, seq_idx, source = next(batches)
     with autocast_ctx(device):
-        logits = model(x, seq_idx=seq_idx)
-    loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1)
+        loss, hits = model(x, y, seq_idx=seq_idx, with_hits=True)
     loss.backward()
     # teacher-forced EM of each task of the stage on this batch (fresh examples: an honest estimate)
     names = [name for name, _ in stages[stage]]
-    counts = [n for t in range(len(names)) for n in conversation_exact_match(logits.detach(), torch.where(source == t, y, -1), seq_idx)]
+    counts = [n for t in range(len(names)) for n in conversation_exact_match(hits, torch.where(source == t, y, -1), seq_idx)]
     all_reduce_grads(model)
     lrm = lr_multiplier(step)
     step_optimizers(optimizers, lrm)

@@ -117,16 +117,16 @@ def build_mixture(items, args, split="train", seed=None):
     return TaskMixture(tasks, [w for _, w in items], seed=args.seed if seed is None else seed)
 
 
-def conversation_exact_match(logits, targets, seq_idx):
+def conversation_exact_match(hits, targets, seq_idx):
     """(right, total) over the conversations of a packed batch that have supervised tokens: right
-    when every supervised token is the argmax (teacher forced; for an answer alone this is
-    greedy exact match)."""
+    when every supervised token is the argmax (hits, from GPT.forward(..., with_hits=True); teacher
+    forced, so for an answer alone this is greedy exact match)."""
     supervised = targets >= 0
-    wrong = supervised & (logits.argmax(-1) != targets)
+    wrong = supervised & ~hits
     conv = seq_idx + (seq_idx.max() + 1) * torch.arange(seq_idx.size(0), device=seq_idx.device)[:, None]
     n = int(conv.max()) + 1
-    has = torch.zeros(n, device=logits.device).index_add_(0, conv.flatten(), supervised.flatten().float()) > 0
-    bad = torch.zeros(n, device=logits.device).index_add_(0, conv.flatten(), wrong.flatten().float()) > 0
+    has = torch.zeros(n, device=hits.device).index_add_(0, conv.flatten(), supervised.flatten().float()) > 0
+    bad = torch.zeros(n, device=hits.device).index_add_(0, conv.flatten(), wrong.flatten().float()) > 0
     return int((has & ~bad).sum()), int(has.sum())
 
 

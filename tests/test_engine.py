@@ -361,3 +361,27 @@ def test_ragged_forward_equals_rows_alone(tokenizer, pattern):
     assert torch.allclose(first[0], ref_a, atol=1e-5) and torch.allclose(first[1], ref_b, atol=1e-5)
     assert torch.allclose(second[0], ref_a2, atol=1e-5) and torch.allclose(second[1], ref_b2, atol=1e-5)
     assert ragged.lengths.tolist() == [12, 11]
+
+
+def test_loss_on_supervised_positions_only_equals_full_logits(tokenizer):
+    """The head runs only where a target is; loss, per-token loss, hits and gradients are those of
+    the full (B, T, V) logits."""
+    model = tiny_model(tokenizer.get_vocab_size())
+    V = tokenizer.get_vocab_size()
+    x = torch.randint(0, V, (3, 10))
+    y = torch.randint(0, V, (3, 10))
+    y[:, :6] = -1
+    y[1, 8] = -1
+    logits = model(x)
+    full = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none")
+    loss, hits = model(x, y, with_hits=True)
+    assert torch.allclose(loss, full[y.flatten() >= 0].mean(), atol=1e-6)
+    assert torch.allclose(model(x, y, loss_reduction="none"), full, atol=1e-6)
+    assert torch.equal(hits, (logits.argmax(-1) == y) & (y >= 0))
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    reference = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-1)
+    reference.backward()
+    for g, p in zip(grads, model.parameters()):
+        assert torch.allclose(g, p.grad, atol=1e-6)
