@@ -11,7 +11,9 @@ in general, so this generator varies everything a real KB varies:
 - schemas: field names drawn from real English words (the docstrings of the installed Python
   packages, see nanochat.dataset.RealTextSource), value types names, numbers with units,
   years, dates, codes and multi-word phrases;
-- questions: many wordings per field, some naming only the field's last word, some lower-cased;
+- questions: many wordings per field, some naming only the field's last word, some adding a head
+  noun ("numeric code" for a `numeric` key), some lower-cased, some the other way round (which
+  table row has this value?); keys spelled as words or joined as identifiers (`alpha_3`, `alpha-3`);
 - distractors: other documents of the same shape and schema, so the entity has to be matched.
 
 Words, names and one shape (`infobox`) are split by a hash into training and held-out: the
@@ -147,10 +149,15 @@ QUESTIONS = ["What is the {f} of {e}?", "What is {e}'s {f}?", "What {f} does {e}
              "Look up the {f} of {e}.", "Can you tell me what the {f} of {e} is?"]
 
 
+HEAD_NOUNS = ["code", "number", "value", "name", "entry", "field"]
+
+
 def field_question(rng, entity, field):
     f = field
     if " " in f and rng.random() < 0.25:
         f = f.split()[-1]                      # a shorter name for the field
+    elif " " not in f and rng.random() < 0.15:
+        f = f"{f} {rng.choice(HEAD_NOUNS)}"    # a wordier one: real keys are terse ("numeric" asked as "numeric code")
     q = rng.choice(QUESTIONS).format(f=f, e=entity)
     if rng.random() < 0.1:
         q = q[0].lower() + q[1:]
@@ -185,7 +192,16 @@ def _fill(v, names, schema):
 
 
 def _key(rng, field):
-    style = rng.randrange(3)
+    """How a document spells a field the question names in plain words: as is, capitalised, title
+    case, or joined as identifiers are (snake_case, kebab-case, camelCase)."""
+    style = rng.randrange(6) if " " in field else rng.randrange(3)
+    if style == 3:
+        return field.replace(" ", "_")
+    if style == 4:
+        return field.replace(" ", "-")
+    if style == 5:
+        first, *rest = field.split()
+        return first + "".join(w.capitalize() for w in rest)
     return field if style == 0 else (field.capitalize() if style == 1 else field.title())
 
 
@@ -243,14 +259,24 @@ def table_drill(v, rng, num_docs):
         names = _entities(v, rng, rng.randint(2, 5))
         rows = _fill(v, names, schema)
         header = rng.choice(["name", "entry", "item", v.word()])
-        lines = [" | ".join([header] + [f for f, _ in schema])]
+        lines = [" | ".join([header] + [_key(rng, f) for f, _ in schema])]
         lines += [" | ".join([n] + [row[f] for f, _ in schema]) for n, row in zip(names, rows)]
         docs.append({"id": f"d{k}", "title": v.phrase(1, 3).capitalize(), "text": "\n".join(lines)})
         facts.append((names, rows))
     gold = rng.randrange(num_docs)
     names, rows = facts[gold]
     i, field = rng.randrange(len(names)), rng.choice(schema)[0]
-    return docs, gold, field_question(rng, names[i], field), rows[i][field]
+    value = rows[i][field]
+    if rng.random() < 0.25 and sum(row[field] == value for row in rows) == 1:
+        # the other way round: which row has this value? ("Which status code has the reason phrase Not Found?")
+        header = docs[gold]["text"].split(" | ")[0]
+        question = rng.choice(REVERSE_QUESTIONS).format(h=header, f=field, v=value)
+        return docs, gold, question, names[i]
+    return docs, gold, field_question(rng, names[i], field), value
+
+
+REVERSE_QUESTIONS = ["Which {h} has the {f} {v}?", "Which {h} has {v} as its {f}?", "What {h} has a {f} of {v}?",
+                     "Whose {f} is {v}?", "Which {h} is listed with {f} {v}?"]
 
 
 TERM_QUESTIONS = {
