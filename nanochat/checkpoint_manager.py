@@ -77,9 +77,11 @@ def find_last_step(ckpt_dir):
 
 
 def find_model_tag(phase):
-    """The most recently written model tag of a phase, when the user gives none."""
+    """The most recently written model tag of a phase, when the user gives none. A directory with
+    no model file (a run killed before its first save) is not a model."""
     root = os.path.join(get_base_dir(), PHASE_DIRS[phase])
-    tags = [t for t in os.listdir(root) if os.path.isdir(os.path.join(root, t))] if os.path.isdir(root) else []
+    tags = [t for t in os.listdir(root) if os.path.isdir(os.path.join(root, t))
+            and any(re.fullmatch(r"model_\d+\.pt", f) for f in os.listdir(os.path.join(root, t)))] if os.path.isdir(root) else []
     if not tags:
         raise FileNotFoundError(f"no {phase} checkpoints under {root} (train one first)")
     return max(tags, key=lambda t: os.path.getmtime(os.path.join(root, t)))

@@ -119,9 +119,18 @@ def rl_batch(samples, pad_id, device):
     return x.to(device), y.to(device)
 
 
-def policy_gradient_loss(nll, targets, advantages):
+def policy_gradient_loss(nll, targets, advantages, num_tokens=None):
     """REINFORCE: -sum(advantage * log p(chosen token)) over the policy's own tokens, divided by
-    their count (token-level normalisation). nll (B, T): -log p of each target token, as
+    their count (token-level normalisation; num_tokens: the count over the whole step when this
+    is one of several micro-batches). nll (B, T): -log p of each target token, as
     GPT.forward(x, targets, loss_reduction="none") gives it; positions with target -1 contribute nothing."""
     valid = (targets >= 0).float()
-    return (nll * valid * advantages[:, None]).sum() / valid.sum().clamp(min=1)
+    count = valid.sum().clamp(min=1) if num_tokens is None else max(num_tokens, 1)
+    return (nll * valid * advantages[:, None]).sum() / count
+
+
+def length_buckets(samples, max_rows):
+    """Sample indices in groups of at most max_rows, by sequence length, so that each padded
+    micro-batch wastes little on padding (a step's sequences range from ~50 to ~200 tokens)."""
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i]["row"].tokens))
+    return [order[k:k + max_rows] for k in range(0, len(order), max_rows)]

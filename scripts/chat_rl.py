@@ -22,7 +22,7 @@ from nanochat.common import compute_init, compute_cleanup, print0, init_wandb, a
 from nanochat.checkpoint_manager import load_model, save_checkpoint, checkpoint_dir, find_model_tag
 from nanochat.optim import setup_optimizers, step_optimizers, all_reduce_grads
 from tasks.sft_data import add_kb_flags, build_mixture, build_task, parse_mixture, parse_curriculum
-from nanochat.rollout import rollouts, rl_batch, policy_gradient_loss, evaluate_task
+from nanochat.rollout import rollouts, rl_batch, policy_gradient_loss, evaluate_task, length_buckets
 
 parser = argparse.ArgumentParser(description="RL with the model's own searches: rewards from its generated answers")
 parser.add_argument("--source", default="sft", choices=["sft", "rl"], help="checkpoint to start from")
@@ -46,6 +46,8 @@ parser.add_argument("--prompts-per-step", type=int, default=8, help="questions p
 parser.add_argument("--num-samples", type=int, default=8, help="sampled answers per question (one group)")
 parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens the policy may write per answer (documents excluded)")
 parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of rollouts")
+parser.add_argument("--pg-batch-size", type=int, default=16,
+                    help="sequences per forward/backward of the policy-gradient step (sorted by length, gradients accumulated)")
 parser.add_argument("--advantage", default="mean", choices=["mean", "grpo"], help="baseline: group mean, or GRPO (mean and std)")
 parser.add_argument("--lr-frac", type=float, default=0.1, help="learning rates as a fraction of the base_train defaults")
 # evaluation, output
@@ -57,7 +59,7 @@ parser.add_argument("--device-type", default="", help="cuda | mps | cpu (default
 parser.add_argument("--run", default="dummy", help="wandb run name ('dummy' disables wandb)")
 args = parser.parse_args()
 user_config = vars(args).copy()
-for flag in ("num_iterations", "prompts_per_step", "num_samples", "max_new_tokens", "top_k", "max_searches"):
+for flag in ("num_iterations", "prompts_per_step", "num_samples", "max_new_tokens", "top_k", "max_searches", "pg_batch_size"):
     if getattr(args, flag) <= 0:
         die(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
 try:
@@ -133,12 +135,14 @@ while True:
     rollout_time = time.time() - t0
     # --- policy gradient on the sampled tokens only
     model.train()
-    x, y = rl_batch(samples, pad_id, device)
-    adv = torch.tensor(advantages, dtype=torch.float32, device=device)
-    with autocast_ctx(device):
-        nll = model(x, y, loss_reduction="none").view(y.shape)   # the head runs only on sampled tokens
-    loss = policy_gradient_loss(nll, y, adv)
-    loss.backward()
+    num_tokens = sum(sum(s["row"].mask[1:]) for s in samples)   # the policy's tokens in the whole step
+    for bucket in length_buckets(samples, args.pg_batch_size):   # similar lengths: little padding
+        x, y = rl_batch([samples[i] for i in bucket], pad_id, device)
+        adv = torch.tensor([advantages[i] for i in bucket], dtype=torch.float32, device=device)
+        with autocast_ctx(device):
+            nll = model(x, y, loss_reduction="none").view(y.shape)   # the head runs only on sampled tokens
+        loss = policy_gradient_loss(nll, y, adv, num_tokens)
+        loss.backward()
     all_reduce_grads(model)
     lrm = 1.0 - step / args.num_iterations   # linear decay to 0, as nanochat's RL
     step_optimizers(optimizers, lrm)

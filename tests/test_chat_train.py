@@ -200,3 +200,49 @@ def test_sft_on_your_own_documents(trained_base, tmp_path):
     assert heldout and train_docs and not heldout_docs & train_docs
     meta = json.loads(open(sorted(f for f in (os.path.join(ckpt, n) for n in os.listdir(ckpt)) if "meta_" in f)[-1]).read())
     assert meta["user_config"]["curriculum"] == "qa:0.5+read1:0.25+read3:0.25" and meta["step"] in (0, 2, 4, 6)
+
+
+def test_rl_micro_batches_by_length_give_the_full_batch_gradient(tokenizer):
+    """chat_rl's policy-gradient step in length-sorted micro-batches (global token count as the
+    denominator) has the gradient of the whole batch at once."""
+    from nanochat.engine import RowState
+    from nanochat.rollout import length_buckets
+    from tests.test_engine import tiny_model
+    model = tiny_model(tokenizer.get_vocab_size())
+    g = torch.Generator().manual_seed(0)
+    samples = []
+    for n_prompt, n_sampled in [(5, 3), (9, 7), (4, 2), (12, 1), (6, 5)]:
+        ids = torch.randint(0, 300, (n_prompt + n_sampled,), generator=g).tolist()
+        samples.append({"row": RowState(tokens=ids, mask=[0] * n_prompt + [1] * n_sampled)})
+    advantages = [1.0, -0.5, 0.25, 2.0, -1.0]
+
+    def gradient(buckets):
+        model.zero_grad()
+        num_tokens = sum(sum(s["row"].mask[1:]) for s in samples)
+        for bucket in buckets:
+            x, y = rl_batch([samples[i] for i in bucket], 0, "cpu")
+            nll = model(x, y, loss_reduction="none").view(y.shape)
+            policy_gradient_loss(nll, y, torch.tensor([advantages[i] for i in bucket]), num_tokens).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    whole = gradient([list(range(len(samples)))])
+    buckets = length_buckets(samples, 2)
+    assert [len(samples[i]["row"].tokens) for b in buckets for i in b] == sorted(len(s["row"].tokens) for s in samples)
+    for a, b in zip(whole, gradient(buckets)):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_latest_model_tag_skips_directories_without_a_model(tmp_path, monkeypatch):
+    """A run killed before its first save leaves an empty tag directory; the default model is still
+    the latest one that has a model file."""
+    from nanochat.checkpoint_manager import find_model_tag
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    good = tmp_path / "chatsft_checkpoints" / "d4"
+    good.mkdir(parents=True)
+    (good / "model_000100.pt").write_bytes(b"")
+    (tmp_path / "chatsft_checkpoints" / "d4_killed").mkdir()
+    os.utime(good, (1, 1))   # older than the empty directory
+    assert find_model_tag("sft") == "d4"
+    (tmp_path / "chatsft_checkpoints" / "d4").joinpath("model_000100.pt").unlink()
+    with pytest.raises(FileNotFoundError):
+        find_model_tag("sft")
