@@ -28,6 +28,7 @@ parser.add_argument("--head-dim", type=int, default=64)
 parser.add_argument("--steps", type=int, default=5, help="timed training steps (after 2 warm-up steps)")
 parser.add_argument("--gen-tokens", type=int, default=64, help="tokens generated per generation measurement")
 parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+parser.add_argument("--compile", action="store_true", help="also measure training with torch.compile (as base_train --compile)")
 args = parser.parse_args()
 if args.threads:
     torch.set_num_threads(args.threads)
@@ -45,8 +46,8 @@ def measure(pattern):
     optimizers = setup_optimizers(model)
     x = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len), device=device)
 
-    def step():
-        loss = model(x, x)
+    def step(train_model=model):
+        loss = train_model(x, x)
         loss.backward()
         for opt in optimizers:
             opt.step()
@@ -62,6 +63,15 @@ def measure(pattern):
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_tps = args.steps * args.batch_size * args.seq_len / (time.time() - t0)
+    compiled_tps = float("nan")
+    if args.compile:
+        compiled = torch.compile(model, dynamic=False)
+        for _ in range(2):   # compiles on the first call
+            step(compiled)
+        t0 = time.time()
+        for _ in range(args.steps):
+            step(compiled)
+        compiled_tps = args.steps * args.batch_size * args.seq_len / (time.time() - t0)
 
     model.eval()
     engine = Engine(model, tokenizer)
@@ -73,13 +83,13 @@ def measure(pattern):
     for _ in gen:
         n += 1
     gen_tps = n / max(time.time() - t0, 1e-9)
-    return model.num_params(), train_tps, gen_tps
+    return model.num_params(), train_tps, compiled_tps, gen_tps
 
 
 patterns = args.patterns or ["T" * d for d in args.depths]
 print(f"device {device}, threads {torch.get_num_threads()}, batch {args.batch_size} x {args.seq_len} tokens, vocab {args.vocab_size}")
-print(f"| pattern | params | train tokens/s | generate tokens/s (batch 1) |")
-print(f"|---|---|---|---|")
+print(f"| pattern | params | train tokens/s | compiled train tokens/s | generate tokens/s (batch 1) |")
+print(f"|---|---|---|---|---|")
 for pattern in patterns:
-    params, train_tps, gen_tps = measure(pattern.upper())
-    print(f"| {pattern} | {params / 1e6:.2f}M | {train_tps:,.0f} | {gen_tps:,.0f} |", flush=True)
+    params, train_tps, compiled_tps, gen_tps = measure(pattern.upper())
+    print(f"| {pattern} | {params / 1e6:.2f}M | {train_tps:,.0f} | {compiled_tps:,.0f} | {gen_tps:,.0f} |", flush=True)

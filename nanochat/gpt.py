@@ -266,6 +266,11 @@ class GPT(nn.Module):
         loss "mean" or per-token "none" (flat B*T, 0 where ignored), hits (B, T) bool, True where the
         argmax is the target (teacher-forced exact match)."""
         supervised = targets >= 0
+        if torch.compiler.is_compiling():   # one fixed-shape graph: score every position, ignore_index masks
+            logits = self.head(x.flatten(0, 1))
+            loss = F.cross_entropy(logits, targets.reshape(-1), ignore_index=-1,
+                                   reduction="none" if loss_reduction == "none" else "mean")
+            return loss, (logits.detach().argmax(-1) == targets.reshape(-1)).view_as(targets) & supervised
         every = bool(supervised.all())
         logits = self.head(x.flatten(0, 1) if every else x[supervised])
         picked = targets.reshape(-1) if every else targets[supervised]

@@ -57,6 +57,9 @@ parser.add_argument("--sample-every", type=int, default=500, help="print samples
 parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
 parser.add_argument("--resume-from-step", type=int, default=-1, help="resume from this checkpoint step of the same --model-tag")
 parser.add_argument("--model-tag", default="", help="checkpoint directory name (default d<depth>[_<pattern>])")
+parser.add_argument("--compile", action="store_true",
+                    help="torch.compile the training forward/backward (CPU: ~1.4x faster steps after ~15 s of compiling; "
+                         "off by default so short runs and tests start at once)")
 parser.add_argument("--device-type", default="", help="cuda | mps | cpu (default: autodetect)")
 parser.add_argument("--run", default="dummy", help="wandb run name ('dummy' disables wandb)")
 args = parser.parse_args()
@@ -183,6 +186,9 @@ total_train_time = meta["loop_state"]["total_train_time"] if resuming else 0.0
 val_bpb = None
 smooth_loss = 0.0
 model.train()
+# training steps run the compiled module (fixed shapes: every batch is device_batch_size x max_seq_len);
+# evaluation, sampling and checkpoints use the plain one, which shares its parameters
+train_model = torch.compile(model, dynamic=False) if args.compile else model
 x_state = train_loader.state_dict()
 x, y = train_loader.next_batch()
 while True:
@@ -204,7 +210,7 @@ while True:
     t0 = time.time()
     for _ in range(grad_accum):
         with autocast_ctx(device):
-            loss = model(x, y)
+            loss = train_model(x, y)
         (loss / grad_accum).backward()
         x_state = train_loader.state_dict()
         x, y = train_loader.next_batch()

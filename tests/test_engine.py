@@ -385,3 +385,19 @@ def test_loss_on_supervised_positions_only_equals_full_logits(tokenizer):
     reference.backward()
     for g, p in zip(grads, model.parameters()):
         assert torch.allclose(g, p.grad, atol=1e-6)
+
+
+def test_compiled_training_step_matches_eager(tokenizer):
+    """base_train --compile: the compiled module gives the eager loss and gradients (to tolerance)."""
+    model = tiny_model(tokenizer.get_vocab_size(), "TM").train()
+    x = torch.randint(0, 300, (2, 16))
+    y = torch.randint(0, 300, (2, 16))
+    loss = model(x, y)
+    loss.backward()
+    eager = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled_loss = torch.compile(model, dynamic=False)(x, y)
+    compiled_loss.backward()
+    assert torch.allclose(loss, compiled_loss, atol=1e-5)
+    for g, p in zip(eager, model.parameters()):
+        assert torch.allclose(g, p.grad, atol=1e-4)
