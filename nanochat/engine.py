@@ -79,6 +79,11 @@ def sample_next_token(logits, generator, temperature=1.0, top_k=None):
     return (choice if idx is None else idx.gather(1, choice)).squeeze(1)
 
 
+def as_prompts(prompts):
+    """One prompt (a list of token ids) or a list of prompts -> a list of prompts."""
+    return [prompts] if prompts and isinstance(prompts[0], int) else prompts
+
+
 @dataclass
 class RowState:
     """One sample being generated: its tokens, and its completion as conversation parts."""
@@ -153,7 +158,7 @@ class Engine:
         """Run all rows' searches, one batched retriever call per knowledge base; return
         {row_index: injected ids}."""
         blocks = {}
-        todo = {}   # id(retriever) -> [(row index, query)]
+        todo = {}   # (id(retriever), top_k) -> (retriever, top_k, [(row index, query)])
         for i, query in searches:
             row = rows[i]
             row.num_searches += 1
@@ -161,10 +166,10 @@ class Engine:
                 # no retriever, empty query or over the hop cap: an empty result, so the model sees its search failed
                 row.parts.append({"type": "search_results", "documents": []})
                 continue
-            todo.setdefault((id(retrievers[row.prompt]), top_ks[row.prompt]), []).append((i, query))
-        for group in todo.values():
-            first = rows[group[0][0]].prompt
-            results = retrievers[first].search_batch([q for _, q in group], top_ks[first])
+            retriever, top_k = retrievers[row.prompt], top_ks[row.prompt]
+            todo.setdefault((id(retriever), top_k), (retriever, top_k, []))[2].append((i, query))
+        for retriever, top_k, group in todo.values():
+            results = retriever.search_batch([q for _, q in group], top_k)
             for (i, _), hits in zip(group, results):
                 row = rows[i]
                 docs = [h.document.to_dict() for h in hits]
@@ -200,8 +205,7 @@ class Engine:
         row i gained this step (the sampled one, then any injected block) and new_masks[i] their
         masks (1 sampled, 0 injected). `rows` are the RowState objects (parts, counters).
         """
-        if prompts and isinstance(prompts[0], int):
-            prompts = [prompts]
+        prompts = as_prompts(prompts)
         assert prompts and all(isinstance(p, list) and p for p in prompts), "expected prompts of token ids"
         retrievers = retrievers or [self.retriever] * len(prompts)
         top_ks = top_ks or [self.search_top_k] * len(prompts)
@@ -212,14 +216,9 @@ class Engine:
         # room for the longest prompt and max_tokens; documents grow the cache when they come
         cache = InferenceCache(model, B, max(len(p) for p in prompts) + max_tokens + 64, device)
         # prefill the first sample of each prompt (all prompts in one ragged forward), copy to the others
-        logits = torch.empty(B, model.config.vocab_size, device=device)
-        firsts = list(range(0, B, n))
-        logits[firsts] = self._feed(cache, firsts, prompts)
+        logits = self._feed(cache, list(range(0, B, n)), prompts).repeat_interleave(n, dim=0)
         if n > 1:
             cache.fan_out(n)
-            logits = logits.view(len(prompts), n, -1)
-            logits[:, 1:] = logits[:, :1]
-            logits = logits.view(B, -1)
         rows = [RowState(tokens=list(prompts[i // n]), mask=[0] * len(prompts[i // n]), prompt=i // n) for i in range(B)]
         not_tokens = torch.zeros(logits.size(-1), dtype=torch.bool, device=device)
         not_tokens[self.banned] = True
@@ -280,8 +279,7 @@ class Engine:
         """Run generate to the end. Returns the RowStates (prompt-major, as generate): .tokens
         (prompt + completion; the stop token only with keep_stop, as RL wants: stopping is a choice
         too), .mask, .parts."""
-        if prompts and isinstance(prompts[0], int):
-            prompts = [prompts]
+        prompts = as_prompts(prompts)
         rows = None
         for _, _, rows in self.generate(prompts, num_samples, **kwargs):
             pass
