@@ -34,41 +34,84 @@ def build_conversation(messages, mode, retriever, top_k):
 def respond(model, tokenizer, messages, mode="auto", retriever=None, top_k=3, temperature=0.0,
             top_k_sampling=None, max_tokens=256, seed=42, max_searches=4):
     """Generate one assistant turn; yields the events described at the top of this file."""
-    if mode not in RETRIEVAL_MODES:
-        raise ValueError(f"retrieval mode must be one of {', '.join(RETRIEVAL_MODES)}, got {mode!r}")
-    conversation, shown = build_conversation(messages, mode, retriever, top_k)
-    all_docs = [dict(d, number=k + 1) for k, d in enumerate(shown)]
-    if shown:
-        yield {"type": "documents", "query": messages[-1]["content"], "documents": list(all_docs)}
-    engine = Engine(model, tokenizer, retriever=retriever if mode == "auto" else None,
-                    search_top_k=top_k, max_searches=max_searches)
-    prompt = fit_prompt(tokenizer, conversation, model.config.sequence_len - max_tokens)
-    emitted, seen_parts = "", 0
-    row = None
-    for _, _, rows in engine.generate(prompt, 1, max_tokens=max_tokens, temperature=temperature,
-                                      top_k=top_k_sampling, seed=seed):
-        row = rows[0]
-        # new search / search_results parts since the last step
-        for part in row.parts[seen_parts:]:
+    request = {"messages": messages, "mode": mode, "top_k": top_k, "temperature": temperature,
+               "top_k_sampling": top_k_sampling, "max_tokens": max_tokens, "seed": seed}
+    for _, event in respond_batch(model, tokenizer, [request], retriever, max_searches):
+        yield event
+
+
+def respond_batch(model, tokenizer, requests, retriever=None, max_searches=4, stopped=lambda i: False):
+    """Answer several conversations at once, in one Engine run (chat_web batches the requests that
+    arrive together). requests: dicts with respond()'s arguments (messages, mode, top_k, temperature,
+    top_k_sampling, max_tokens, seed). Yields (request index, event); each request's events are
+    exactly what respond() would yield for it alone. stopped(i) True: request i is given up (its
+    client went away): its row stops and yields nothing more."""
+    for r in requests:
+        if r["mode"] not in RETRIEVAL_MODES:
+            raise ValueError(f"retrieval mode must be one of {', '.join(RETRIEVAL_MODES)}, got {r['mode']!r}")
+    streams, prompts = [], []
+    for i, r in enumerate(requests):
+        conversation, shown = build_conversation(r["messages"], r["mode"], retriever, r["top_k"])
+        streams.append(_EventStream(tokenizer, shown))
+        if shown:
+            yield i, {"type": "documents", "query": r["messages"][-1]["content"], "documents": list(streams[i].documents)}
+        prompts.append(fit_prompt(tokenizer, conversation, model.config.sequence_len - r["max_tokens"]))
+    engine = Engine(model, tokenizer, max_searches=max_searches)
+    settings = {key: [r[name] for r in requests] for key, name in
+                (("max_tokens", "max_tokens"), ("temperature", "temperature"), ("top_k", "top_k_sampling"), ("seed", "seed"))}
+    rows = None
+    for _, _, rows in engine.generate(prompts, 1, retrievers=[retriever if r["mode"] == "auto" else None for r in requests],
+                                      top_ks=[r["top_k"] for r in requests], **settings):
+        for i, row in enumerate(rows):
+            if streams[i].closed:
+                continue
+            if stopped(i):
+                row.completed, streams[i].closed = True, True
+                continue
+            for event in streams[i].step(row):
+                yield i, event
+            if row.completed:   # done now: its answer need not wait for the rest of the batch
+                for event in streams[i].finish(row.parts):
+                    yield i, event
+    for i, stream in enumerate(streams):
+        if not stream.closed:
+            for event in stream.finish(rows[i].parts if rows is not None else []):
+                yield i, event
+
+
+class _EventStream:
+    """One request's events from its row's state, step by step: searches, documents, new text."""
+
+    def __init__(self, tokenizer, shown):
+        self.tokenizer = tokenizer
+        self.documents = [dict(d, number=k + 1) for k, d in enumerate(shown)]
+        self.emitted, self.seen_parts, self.closed = "", 0, False
+
+    def step(self, row):
+        events = []
+        for part in row.parts[self.seen_parts:]:   # new search / search_results parts since the last step
             if part["type"] == "search":
-                yield {"type": "search", "query": part["text"]}
+                events.append({"type": "search", "query": part["text"]})
             elif part["type"] == "search_results":
-                docs = [dict(d, number=len(all_docs) + k + 1) for k, d in enumerate(part["documents"])]
-                all_docs += docs
-                yield {"type": "documents", "query": _last_query(row.parts), "documents": docs}
-        seen_parts = len(row.parts)
-        visible = _answer_text(row.parts) + (tokenizer.decode_text(row.pending) if row.mode == "text" else "")
-        if visible.endswith("\ufffd"):   # half of a multi-byte character: wait for the rest
-            continue
-        if len(visible) > len(emitted) and visible.startswith(emitted):
-            yield {"type": "token", "text": visible[len(emitted):]}
-            emitted = visible
-    parts = row.parts if row is not None else []
-    answer = _answer_text(parts)
-    if len(answer) > len(emitted) and answer.startswith(emitted):
-        yield {"type": "token", "text": answer[len(emitted):]}
-    cited = sorted({int(n) for n in CITATION.findall(answer) if 1 <= int(n) <= len(all_docs)})
-    yield {"type": "done", "answer": answer, "parts": parts, "documents": all_docs, "citations": cited}
+                docs = [dict(d, number=len(self.documents) + k + 1) for k, d in enumerate(part["documents"])]
+                self.documents += docs
+                events.append({"type": "documents", "query": _last_query(row.parts), "documents": docs})
+        self.seen_parts = len(row.parts)
+        pending = self.tokenizer.decode_text(row.pending) if row.mode == "text" else ""
+        visible = _answer_text(row.parts) + pending
+        # half of a multi-byte character: wait for the rest
+        if not visible.endswith("\ufffd") and len(visible) > len(self.emitted) and visible.startswith(self.emitted):
+            events.append({"type": "token", "text": visible[len(self.emitted):]})
+            self.emitted = visible
+        return events
+
+    def finish(self, parts):
+        self.closed = True
+        answer = _answer_text(parts)
+        if len(answer) > len(self.emitted) and answer.startswith(self.emitted):
+            yield {"type": "token", "text": answer[len(self.emitted):]}
+        cited = sorted({int(n) for n in CITATION.findall(answer) if 1 <= int(n) <= len(self.documents)})
+        yield {"type": "done", "answer": answer, "parts": parts, "documents": self.documents, "citations": cited}
 
 
 def fit_prompt(tokenizer, conversation, budget):

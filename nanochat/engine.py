@@ -183,6 +183,20 @@ class Engine:
                     blocks[i] = ids
         return blocks
 
+    @staticmethod
+    def _sample_per_prompt(logits, live_rows, generators, temperature, top_k):
+        """Next tokens for the cache rows, each prompt's rows with its own settings and generator;
+        finished rows draw nothing (so a prompt's samples do not depend on its neighbours)."""
+        out = torch.zeros(len(live_rows), dtype=torch.long, device=logits.device)
+        groups = {}
+        for j, row in enumerate(live_rows):
+            if not row.completed:
+                groups.setdefault(row.prompt, []).append(j)
+        for p, js in groups.items():
+            idx = torch.tensor(js, device=logits.device)
+            out[idx] = sample_next_token(logits[idx], generators[p], temperature[p], top_k[p])
+        return out
+
     def _feed(self, cache, rows, seqs):
         """Feed row rows[j] the tokens seqs[j], all rows in one right-padded forward; returns the
         logits after each row's last token, (len(rows), V)."""
@@ -201,20 +215,30 @@ class Engine:
         prompts: one prompt (a list of token ids) or a list of prompts, generated together: row
         p * num_samples + s is sample s of prompt p (RowState.prompt = p). retrievers / top_ks: one
         per prompt (each question may search its own knowledge base); default the Engine's.
+        max_tokens, temperature, top_k (sampling) and seed are one value for all, or a list with one
+        per prompt (chat_web batches requests with their own settings): with a list of seeds each
+        prompt samples from its own generator, so its rows do not depend on what else is in the batch.
         Yields one step at a time: (new_tokens, new_masks, rows), where new_tokens[i] are the tokens
         row i gained this step (the sampled one, then any injected block) and new_masks[i] their
-        masks (1 sampled, 0 injected). `rows` are the RowState objects (parts, counters).
+        masks (1 sampled, 0 injected). `rows` are the RowState objects (parts, counters); a caller
+        may set a row's `completed` between steps to stop it (a client that went away).
         """
         prompts = as_prompts(prompts)
         assert prompts and all(isinstance(p, list) and p for p in prompts), "expected prompts of token ids"
-        retrievers = retrievers or [self.retriever] * len(prompts)
-        top_ks = top_ks or [self.search_top_k] * len(prompts)
+        P = len(prompts)
+        retrievers = retrievers or [self.retriever] * P
+        top_ks = top_ks or [self.search_top_k] * P
+        per_prompt = any(isinstance(v, (list, tuple)) for v in (max_tokens, temperature, top_k, seed))
+        max_tokens, temperature, top_k, seed = (list(v) if isinstance(v, (list, tuple)) else [v] * P
+                                                for v in (max_tokens, temperature, top_k, seed))
+        if not all(len(v) == P for v in (retrievers, top_ks, max_tokens, temperature, top_k, seed)):
+            raise ValueError(f"per-prompt settings need one value for each of the {P} prompts")
         model, n = self.model, num_samples
         device = model.lm_head.weight.device
-        generator = torch.Generator(device=device).manual_seed(seed)
-        B = len(prompts) * n
+        generators = [torch.Generator(device=device).manual_seed(s) for s in (seed if per_prompt else seed[:1])]
+        B = P * n
         # room for the longest prompt and max_tokens; documents grow the cache when they come
-        cache = InferenceCache(model, B, max(len(p) for p in prompts) + max_tokens + 64, device)
+        cache = InferenceCache(model, B, max(len(p) for p in prompts) + max(max_tokens) + 64, device)
         # prefill the first sample of each prompt (all prompts in one ragged forward), copy to the others
         logits = self._feed(cache, list(range(0, B, n)), prompts).repeat_interleave(n, dim=0)
         if n > 1:
@@ -224,11 +248,15 @@ class Engine:
         not_tokens[self.banned] = True
         not_tokens[self.tokenizer.get_vocab_size():] = True   # padding rows of the embedding are not tokens
         live = list(range(B))   # cache row j holds rows[live[j]]; finished rows are dropped in batches
-        for _ in range(max_tokens):
+        steps = max(max_tokens)
+        for step in range(steps):
             if all(rows[i].completed for i in live):
                 break
             logits.masked_fill_(not_tokens, float("-inf"))
-            sampled_t = sample_next_token(logits, generator, temperature, top_k)
+            if per_prompt:
+                sampled_t = self._sample_per_prompt(logits, [rows[i] for i in live], generators, temperature, top_k)
+            else:
+                sampled_t = sample_next_token(logits, generators[0], temperature[0], top_k[0])
             sampled = sampled_t.tolist()
             new_tokens = [[] for _ in rows]
             new_masks = [[] for _ in rows]
@@ -243,6 +271,11 @@ class Engine:
                 new_tokens[i].append(tok)
                 new_masks[i].append(1)
                 action = self._consume(row, tok)
+                if max_tokens[row.prompt] < steps and step + 1 >= max_tokens[row.prompt] and not row.completed:
+                    # its own, lower limit: cut off here (the others go on)
+                    if row.mode == "text":
+                        self._flush_text(row)
+                    row.completed, action = True, None
                 if isinstance(action, tuple):
                     searches.append((j, action[1]))
                 elif action and row.injected_tokens + len(action) <= self.max_injected_tokens:

@@ -33,6 +33,7 @@ class GPTConfig:
     mamba_mlp: bool = True           # M blocks get an MLP after the mixer (Jamba, Samba, Nemotron-H)
     logit_softcap: float = 15.0
     tie_embeddings: bool = False     # one matrix embeds tokens and scores them (see GPT.tie_weights)
+    short_conv: int = 0              # T blocks: taps of a causal depthwise conv over the attention input (0: none)
 
     def __post_init__(self):
         if not self.block_pattern:
@@ -43,6 +44,8 @@ class GPTConfig:
         if len(self.block_pattern) != self.n_layer:
             raise ValueError(f"--block-pattern {self.block_pattern!r} has {len(self.block_pattern)} letters "
                              f"but the model has {self.n_layer} layers (--depth)")
+        if self.short_conv < 0 or self.short_conv == 1:
+            raise ValueError(f"--short-conv is a number of taps >= 2 (or 0 for none), got {self.short_conv}")
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
             raise ValueError(f"n_embd {self.n_embd} / n_head {self.n_head} / n_kv_head {self.n_kv_head} do not divide")
 
@@ -104,6 +107,37 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
+def short_causal_conv(x, weight, initial=None, seq_idx=None):
+    """Depthwise causal conv without bias, x (B, T, C), weight (C, 1, w); initial (B, C, w-1) are
+    the inputs before x (zeros if None). Plain shifted multiply-adds: torch.compile fuses them.
+    seq_idx (B, T): a tap never reads a token of another packed document."""
+    B, T, C = x.shape
+    w = weight.shape[-1]
+    taps = weight.to(x.dtype).view(C, w)
+    before = x.new_zeros(B, w - 1, C) if initial is None else initial.transpose(1, 2).to(x.dtype)
+    xp = torch.cat([before, x], dim=1)
+    if seq_idx is not None:
+        sp = torch.cat([seq_idx[:, :1].expand(B, w - 1), seq_idx], dim=1)
+    out = x * taps[:, w - 1]
+    for k in range(w - 1):   # tap k reads w-1-k tokens back
+        xk = xp[:, k:k + T]
+        if seq_idx is not None:
+            xk = xk * (sp[:, k:k + T] == seq_idx).unsqueeze(-1).to(x.dtype)
+        out = out + xk * taps[:, k]
+    return out
+
+
+def conv_window(state, x, lengths=None):
+    """The last w inputs after feeding x (B, T, C) to a conv whose window was state (B, C, w):
+    with lengths, the w columns that end at row b's last real token (right padding ignored)."""
+    B, C, w = state.shape
+    cols = torch.cat([state, x.transpose(1, 2).to(state.dtype)], dim=-1)
+    if lengths is None:
+        return cols[:, :, -w:]
+    idx = lengths.to(x.device)[:, None] + torch.arange(w, device=x.device)
+    return cols.gather(2, idx[:, None, :].expand(B, C, w))
+
+
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -127,10 +161,24 @@ class Block(nn.Module):
                                      layer_idx=layer_idx)
         self.mlp = MLP(config) if (self.kind == "T" or config.mamba_mlp) else None
         self.layer_idx = layer_idx
+        # Each position's attention input also sees the few tokens before it (Allen-Zhu's "Canon"
+        # layers; Mamba's conv does the same). A key then carries "what came just before me": the
+        # first value token after `name:` can be found by the question's `name` in one attention
+        # hop instead of waiting for a previous-token head to form. Starts at zero (= no conv).
+        self.short_conv = (nn.Parameter(torch.zeros(config.n_embd, 1, config.short_conv))
+                           if self.kind == "T" and config.short_conv > 0 else None)
+
+    def short_conv_forward(self, h, cache, rows, seq_idx, lengths):
+        if cache is None:
+            return short_causal_conv(h, self.short_conv, seq_idx=seq_idx)
+        return cache.conv_forward(self.layer_idx, h, self.short_conv, rows, lengths)
 
     def forward(self, x, cos, sin, cache=None, rows=None, attn_mask=None, seq_idx=None, lengths=None):
         if self.kind == "T":
-            x = x + self.attn(norm(x), cos, sin, cache, rows, attn_mask)
+            h = norm(x)
+            if self.short_conv is not None:
+                h = h + self.short_conv_forward(h, cache, rows, seq_idx, lengths)
+            x = x + self.attn(h, cos, sin, cache, rows, attn_mask)
         elif cache is None:
             x = x + self.mixer(norm(x), seq_idx=seq_idx)
         else:
@@ -187,6 +235,8 @@ class GPT(nn.Module):
                 for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
                     torch.nn.init.uniform_(lin.weight, -bound, bound)
                 torch.nn.init.zeros_(block.attn.c_proj.weight)   # residual branches start as identity
+                if block.short_conv is not None:
+                    torch.nn.init.zeros_(block.short_conv)
             else:
                 block.mixer.reset_parameters()
                 torch.nn.init.zeros_(block.mixer.out_proj.weight)
@@ -297,11 +347,13 @@ class InferenceCache:
         head_dim = cfg.n_embd // cfg.n_head
         self.batch_size, self.max_len = batch_size, max_len
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.k, self.v, self.mamba = {}, {}, {}
+        self.k, self.v, self.mamba, self.conv = {}, {}, {}, {}
         for i, block in enumerate(model.transformer.h):
             if block.kind == "T":
                 self.k[i] = torch.zeros(batch_size, cfg.n_kv_head, max_len, head_dim, device=device, dtype=dtype)
                 self.v[i] = torch.zeros_like(self.k[i])
+                if block.short_conv is not None:   # the last short_conv attention inputs of each row
+                    self.conv[i] = torch.zeros(batch_size, cfg.n_embd, cfg.short_conv, device=device, dtype=dtype)
             else:
                 self.mamba[i] = block.mixer.allocate_state(batch_size, device)
         self._all_rows = torch.arange(batch_size, device=device)
@@ -363,6 +415,13 @@ class InferenceCache:
             self.mamba[layer].ssm[rows] = state.ssm
         return y
 
+    def conv_forward(self, layer, x, weight, rows, lengths=None):
+        """A T block's short conv for a subset of rows, continuing from and updating their window."""
+        window = self.conv[layer][rows]
+        y = short_causal_conv(x, weight, initial=window[:, :, 1:])
+        self.conv[layer][rows] = conv_window(window, x, lengths)
+        return y
+
     def advance(self, rows, T):
         self.lengths[rows] += T
 
@@ -373,6 +432,7 @@ class InferenceCache:
             for i, t in store.items():
                 store[i] = t.index_select(0, rows)
         self.mamba = {i: state.index_select(rows) for i, state in self.mamba.items()}
+        self.conv = {i: window.index_select(0, rows) for i, window in self.conv.items()}
         self.lengths = self.lengths.index_select(0, rows)
         self.batch_size = len(rows)
         self._all_rows = torch.arange(self.batch_size, device=self.lengths.device)
@@ -386,9 +446,9 @@ class InferenceCache:
             for t in store.values():
                 g = t.view(P, n, *t.shape[1:])
                 g[:, 1:, :, :L] = g[:, :1, :, :L]
-        for state in self.mamba.values():
-            for t in (state.conv, state.ssm):
-                g = t.view(P, n, *t.shape[1:])
-                g[:, 1:] = g[:, :1]
+        windows = [t for state in self.mamba.values() for t in (state.conv, state.ssm)] + list(self.conv.values())
+        for t in windows:
+            g = t.view(P, n, *t.shape[1:])
+            g[:, 1:] = g[:, :1]
         g = self.lengths.view(P, n)
         g[:, 1:] = g[:, :1]

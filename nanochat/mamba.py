@@ -34,6 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat.gpt import conv_window
+
 # -----------------------------------------------------------------------------
 # Optional CUDA kernels (pip install ".[gpu]", see README). Never needed for correctness.
 
@@ -389,12 +391,7 @@ class Mamba2Mixer(nn.Module):
 
         if state is not None:
             # the conv state after this call: the last d_conv inputs, counting the old state's columns
-            cols = torch.cat([state.conv, xBC.transpose(1, 2).to(state.conv.dtype)], dim=-1)
-            if lengths is None:
-                cols = cols[:, :, -self.d_conv:]
-            else:   # the d_conv columns that end at row b's last real token
-                idx = lengths.to(x.device)[:, None] + torch.arange(self.d_conv, device=x.device)
-                cols = cols.gather(2, idx[:, None, :].expand(b, self.conv_dim, self.d_conv))
+            cols = conv_window(state.conv, xBC, lengths)
             if seq_idx is not None:  # columns of an earlier document must not leak into the next step
                 sid = torch.cat([seq_idx[:, :1].expand(b, self.d_conv), seq_idx], dim=1)[:, -self.d_conv:]
                 cols = cols * (sid == seq_idx[:, -1:]).unsqueeze(1).to(cols.dtype)

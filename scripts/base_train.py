@@ -35,6 +35,10 @@ parser.add_argument("--max-seq-len", type=int, default=1024, help="context lengt
 parser.add_argument("--tie-embeddings", action="store_true",
                     help="one matrix for token embedding and output head (small models copy names from documents far sooner)")
 # data
+parser.add_argument("--short-conv", type=int, default=0,
+                    help="T blocks: taps of a causal depthwise conv over the attention input, so each key also "
+                         "sees the tokens just before it (Canon layers); 4 helps a small model learn to look "
+                         "values up in documents. 0: plain attention")
 parser.add_argument("--data", default="embedded",
                     help="'embedded' (offline generated corpus), 'realtext' (docstrings and docs on this machine), 'fineweb', "
                          "a directory of parquet files, or a mix such as 'embedded:3+realtext:1' (proportions by documents)")
@@ -84,7 +88,8 @@ token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.long, device=dev
 vocab_size = ((tokenizer.get_vocab_size() + 63) // 64) * 64   # padded: faster matmuls, room to spare
 try:
     config = config_from_depth(args.depth, vocab_size, args.max_seq_len, args.aspect_ratio, args.head_dim,
-                               args.block_pattern.upper(), tie_embeddings=args.tie_embeddings)
+                               args.block_pattern.upper(), tie_embeddings=args.tie_embeddings,
+                               short_conv=args.short_conv)
 except ValueError as e:
     die(str(e))
 model_tag = args.model_tag or model_tag_for(args.depth, config.block_pattern)

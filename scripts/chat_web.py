@@ -3,6 +3,7 @@ Serve a trained model as a chat web app, optionally reading from a knowledge bas
 
     python -m scripts.chat_web --source sft --kb KB_DIR          # then open http://127.0.0.1:8000
     python -m scripts.chat_web --kb KB_DIR --num-workers 2       # two model replicas (one per GPU on CUDA)
+    python -m scripts.chat_web --kb KB_DIR --max-batch 1         # one request at a time per replica
 
 Endpoints:
     GET  /                  the single-page UI (nanochat/ui.html)
@@ -10,19 +11,22 @@ Endpoints:
                             "top_k": 3, "temperature": 0.6, "top_k_sampling": 50, "max_tokens": 256, "seed": 1}
                             -> a server-sent-event stream, one `data: {json}` line per event of
                             nanochat.chat.respond (search, documents, token, done), or an error event
-    GET  /health            {"status": "ok", "workers": n, "free_workers": k}
+    GET  /health            {"status": "ok", "workers": n, "free_workers": k, "waiting": requests queued}
     GET  /stats             model, KB, limits, and per-worker request/token counts
 
 The prompt is built by nanochat/chat.py, the same code the CLI uses. Generation is synchronous
-torch code, so it never runs on the event loop: each request borrows a worker (one model replica
-per device) from a pool, runs in its own thread, and hands its events to the async SSE stream
-through a queue. Requests wait for a free worker. The server binds 127.0.0.1 unless told otherwise:
+torch code, so it never runs on the event loop: each worker (one model replica per device) is a
+thread that takes the requests waiting in a queue, up to --max-batch of them, answers them together
+in one Engine run (nanochat.chat.respond_batch: one forward per step for all of them, each with
+its own settings and seed) and hands each request's events to its async SSE stream. Requests that
+arrive while a batch runs wait for the next one. The server binds 127.0.0.1 unless told otherwise:
 there is no authentication, so exposing it is a deliberate choice (--host 0.0.0.0).
 """
 import os
 import json
 import time
 import random
+import queue
 import asyncio
 import argparse
 import threading
@@ -36,7 +40,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from nanochat.common import compute_init, die
 from nanochat.checkpoint_manager import load_model, find_model_tag
-from nanochat.chat import respond, RETRIEVAL_MODES
+from nanochat.chat import respond_batch, RETRIEVAL_MODES
 
 # Request limits: a request over any of them is refused with a 4xx and a one-line reason.
 MAX_BODY_BYTES = 1_000_000
@@ -47,6 +51,7 @@ MAX_TOP_K = 20               # documents per search
 MAX_TOP_K_SAMPLING = 200
 MAX_MAX_TOKENS = 4096        # also capped by the model's sequence length, see below
 MAX_TEMPERATURE = 2.0
+BATCH_WAIT_S = 0.02          # a worker that picks up a request waits this long for others sent with it
 
 parser = argparse.ArgumentParser(description="Chat with a trained model in the browser (optionally over a knowledge base)")
 parser.add_argument("--source", default="sft", choices=["base", "sft", "rl"], help="which training stage's checkpoint to load")
@@ -62,12 +67,14 @@ parser.add_argument("--top-k-sampling", type=int, default=50, help="default: sam
 parser.add_argument("--max-tokens", type=int, default=None, help="default most tokens per answer (default: 256, or less if the model is short)")
 parser.add_argument("--num-workers", type=int, default=1,
                     help="model replicas serving requests in parallel; on CUDA worker i uses GPU i (mod the GPU count)")
+parser.add_argument("--max-batch", type=int, default=8,
+                    help="most requests one replica answers together (one forward per token for all; 1: one at a time)")
 parser.add_argument("--device-type", default="", help="cuda | mps | cpu (default: autodetect)")
 parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the server to the network)")
 parser.add_argument("--port", type=int, default=8000, help="port to listen on")
 args = parser.parse_args()
-if args.num_workers < 1:
-    die(f"--num-workers must be at least 1, got {args.num_workers}")
+if args.num_workers < 1 or args.max_batch < 1:
+    die(f"--num-workers and --max-batch must be at least 1, got {args.num_workers} and {args.max_batch}")
 if not 1 <= args.top_k <= MAX_TOP_K:
     die(f"--top-k must be in 1..{MAX_TOP_K}, got {args.top_k}")
 if not 0 <= args.temperature <= MAX_TEMPERATURE:
@@ -129,7 +136,8 @@ info = {
     "model": {"source": args.source, "model_tag": model_tag,
               "step": meta.get("step"), "block_pattern": model_config["block_pattern"], "n_layer": model_config["n_layer"],
               "n_embd": model_config["n_embd"], "sequence_len": model_config["sequence_len"],
-              "params": sum(p.numel() for p in workers[0].model.parameters()), "devices": [str(w.device) for w in workers]},
+              "params": sum(p.numel() for p in workers[0].model.parameters()), "devices": [str(w.device) for w in workers],
+              "max_batch": args.max_batch},
     "kb": None if retriever is None else {"dir": os.path.abspath(args.kb), "retriever": args.retriever,
                                           "documents": len(retriever.documents), "chunks": len(retriever.chunks)},
     "defaults": {"retrieval": args.retrieval if retriever else "off", "top_k": args.top_k, "temperature": args.temperature,
@@ -207,45 +215,84 @@ def check_request(body):
     }
 
 # -----------------------------------------------------------------------------
-# Generation off the event loop: a thread per request, on a worker borrowed from the pool
+# Generation off the event loop: worker threads answer the waiting requests in batches
 
 
-def generate(worker, req, emit, stop, release):
-    """Runs in its own thread: stream respond()'s events through emit(), None when finished."""
-    try:
-        with torch.no_grad():   # grad mode is per thread
-            for event in respond(worker.model, tokenizer, req["messages"], req["mode"], retriever, req["top_k"],
-                                 req["temperature"], req["top_k_sampling"], req["max_tokens"], req["seed"],
-                                 args.max_searches):
-                if stop.is_set():   # the client went away: free the worker now
-                    break
-                if event["type"] == "token":
-                    worker.tokens += 1
-                elif event["type"] == "done":
-                    event = {k: v for k, v in event.items() if k != "parts"}   # documents were already streamed
-                    event["worker"] = worker.index
-                emit(event)
-    except Exception as e:   # report it in the stream (the 200 header is already sent) and in the log
-        stats["errors"] += 1
-        print(f"worker {worker.index}: generation failed: {type(e).__name__}: {e}", flush=True)
-        emit({"type": "error", "message": f"generation failed: {type(e).__name__}: {e}"})
-    finally:
-        worker.busy = False
-        emit(None)
-        release(worker)
+class Job:
+    """One request waiting for, or inside, a batch: emit(event) feeds its SSE stream (None ends it);
+    stop is set when its client goes away."""
+
+    def __init__(self, req, emit):
+        self.req, self.emit, self.stop, self.finished = req, emit, threading.Event(), False
+
+    def end(self, event=None):
+        if event is not None:
+            self.emit(event)
+        self.emit(None)
+        self.finished = True
 
 
-stats = {"started": time.time(), "requests": 0, "completed": 0, "rejected": 0, "errors": 0, "waiting": 0}
-free_workers = None   # asyncio.Queue of idle workers, made inside the event loop (lifespan)
+jobs = queue.Queue()   # Jobs waiting for a worker
+
+
+def next_batch():
+    """Block for a request, then take the others waiting (up to --max-batch), giving requests sent
+    together a moment to arrive; requests whose client already left are dropped."""
+    batch = [jobs.get()]
+    deadline = time.monotonic() + BATCH_WAIT_S
+    while len(batch) < args.max_batch:
+        try:
+            batch.append(jobs.get(timeout=max(0.0, deadline - time.monotonic())))
+        except queue.Empty:
+            break
+    for job in batch:
+        if job.stop.is_set():
+            job.end()
+    return [job for job in batch if not job.finished]
+
+
+def serve(worker):
+    """A worker's thread: answer batches of requests forever, streaming each request's events."""
+    while True:
+        batch = next_batch()
+        if not batch:
+            continue
+        worker.busy, worker.requests = True, worker.requests + len(batch)
+        stats["batches"] += 1
+        try:
+            with torch.no_grad():   # grad mode is per thread
+                for i, event in respond_batch(worker.model, tokenizer, [job.req for job in batch], retriever,
+                                              args.max_searches, stopped=lambda i: batch[i].stop.is_set()):
+                    if event["type"] == "token":
+                        worker.tokens += 1
+                    elif event["type"] == "done":
+                        event = {k: v for k, v in event.items() if k != "parts"}   # documents were already streamed
+                        event["worker"] = worker.index
+                        batch[i].end(event)
+                        continue
+                    batch[i].emit(event)
+        except Exception as e:   # report it in the streams (the 200 header is already sent) and in the log
+            stats["errors"] += 1
+            print(f"worker {worker.index}: generation failed: {type(e).__name__}: {e}", flush=True)
+            for job in batch:
+                if not job.finished:
+                    job.end({"type": "error", "message": f"generation failed: {type(e).__name__}: {e}"})
+        finally:
+            for job in batch:   # a stopped request ends here
+                if not job.finished:
+                    job.end()
+            worker.busy = False
+
+
+stats = {"started": time.time(), "requests": 0, "completed": 0, "rejected": 0, "errors": 0, "batches": 0}
 
 
 @asynccontextmanager
 async def lifespan(app):
-    global free_workers
-    free_workers = asyncio.Queue()
     for w in workers:
-        free_workers.put_nowait(w)
-    print(f"serving {len(workers)} worker(s) on {', '.join(info['model']['devices'])} at http://{args.host}:{args.port}", flush=True)
+        threading.Thread(target=serve, args=(w,), daemon=True).start()
+    print(f"serving {len(workers)} worker(s) on {', '.join(info['model']['devices'])}, batches of up to "
+          f"{args.max_batch} requests, at http://{args.host}:{args.port}", flush=True)
     yield
 
 
@@ -259,13 +306,14 @@ async def index():
 
 @app.get("/health")
 async def health():
-    return {"status": "ok", "workers": len(workers), "free_workers": free_workers.qsize()}
+    return {"status": "ok", "workers": len(workers), "free_workers": sum(not w.busy for w in workers),
+            "waiting": jobs.qsize()}
 
 
 @app.get("/stats")
 async def get_stats():
     return dict(info, uptime_s=round(time.time() - stats["started"], 1),
-                requests={k: v for k, v in stats.items() if k != "started"},
+                requests=dict({k: v for k, v in stats.items() if k != "started"}, waiting=jobs.qsize()),
                 workers=[{"index": w.index, "device": str(w.device), "busy": w.busy, "requests": w.requests,
                           "tokens": w.tokens} for w in workers])
 
@@ -301,22 +349,14 @@ async def chat_completions(request: Request):
 
     async def stream():
         events = asyncio.Queue()
-        stop = threading.Event()
-        stats["waiting"] += 1
-        try:
-            worker = await free_workers.get()   # wait for a free replica
-        finally:
-            stats["waiting"] -= 1
-        worker.busy, worker.requests = True, worker.requests + 1
-        emit = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
-        release = lambda w: loop.call_soon_threadsafe(free_workers.put_nowait, w)
-        threading.Thread(target=generate, args=(worker, req, emit, stop, release), daemon=True).start()
+        job = Job(req, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        jobs.put(job)
         try:
             while (event := await events.get()) is not None:
                 yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
             stats["completed"] += 1
-        finally:   # also on client disconnect (the generator is cancelled): tell the thread to stop
-            stop.set()
+        finally:   # also on client disconnect (the generator is cancelled): its row stops at the next step
+            job.stop.set()
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

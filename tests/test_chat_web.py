@@ -199,6 +199,7 @@ def test_concurrent_streams_hangup_and_recovery(server):
         except Exception as e:   # collected, so one failure does not hide the others
             errors.append(f"{i}: {type(e).__name__}: {e}")
 
+    batches_before = httpx.get(server + "/stats").json()["requests"]["batches"]
     t0 = time.time()
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
     for t in threads:
@@ -212,6 +213,11 @@ def test_concurrent_streams_hangup_and_recovery(server):
         assert events[-1]["type"] == "done" and events[-1]["answer"].strip()
     assert {events[-1]["worker"] for events in results} == {0, 1}, "both replicas served"
     print(f"8 concurrent streams on 2 CPU workers: {elapsed:.1f}s")
+    assert httpx.get(server + "/stats").json()["requests"]["batches"] - batches_before < 8, "requests were batched"
+    # a sampled answer depends on its seed, not on the requests it was batched with
+    alone = stream(server, ask("Which company did the blue king build? (3)", retrieval="always", max_tokens=16,
+                               temperature=1.0, seed=3))
+    assert alone[-1]["answer"] == results[3][-1]["answer"]
     # a client that hangs up mid-answer stops its generation and frees its worker
     tokens_before = sum(w["tokens"] for w in httpx.get(server + "/stats").json()["workers"])
     with httpx.stream("POST", server + "/chat/completions", json=ask("blue river", max_tokens=200), timeout=30) as r:

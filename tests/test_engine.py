@@ -10,16 +10,30 @@ from nanochat.retrieval import Document, make_retriever
 BANNED = ("<|doc_start|>", "<|doc_end|>", "<|output_start|>", "<|output_end|>")
 
 
-def tiny_model(vocab_size, pattern="TT", seed=0, n_embd=64):
-    torch.manual_seed(seed)
-    cfg = GPTConfig(sequence_len=128, vocab_size=vocab_size, n_layer=len(pattern), n_head=2, n_kv_head=1,
-                    n_embd=n_embd, block_pattern=pattern, mamba_d_state=16, mamba_headdim=16, mamba_chunk_size=8)
-    model = GPT(cfg)
-    model.init_weights()
-    with torch.no_grad():   # zero-initialised projections would make every layer an identity
+def tiny_config(vocab_size, pattern, n_embd=64):
+    """pattern: block letters, optionally "/conv<taps>" for T blocks with a short conv ("TM/conv3")."""
+    pattern, _, conv = pattern.partition("/conv")
+    return GPTConfig(sequence_len=128, vocab_size=vocab_size, n_layer=len(pattern), n_head=2, n_kv_head=1,
+                     n_embd=n_embd, block_pattern=pattern, mamba_d_state=16, mamba_headdim=16, mamba_chunk_size=8,
+                     short_conv=int(conv or 0))
+
+
+def perturb(model):
+    """Zero-initialised projections (and short convs) would make every layer an identity."""
+    with torch.no_grad():
         for p in model.parameters():
             if p.ndim == 2:
                 p.add_(torch.randn_like(p) * 0.05)
+        for block in model.transformer.h:
+            if getattr(block, "short_conv", None) is not None:
+                block.short_conv.add_(torch.randn_like(block.short_conv) * 0.3)
+
+
+def tiny_model(vocab_size, pattern="TT", seed=0, n_embd=64):
+    torch.manual_seed(seed)
+    model = GPT(tiny_config(vocab_size, pattern, n_embd))
+    model.init_weights()
+    perturb(model)
     return model.eval()
 
 
@@ -35,7 +49,7 @@ def naive_greedy(model, tokenizer, prompt, n):
     return ids
 
 
-@pytest.mark.parametrize("pattern", ["TT", "M", "TM", "MT", "MMTT"])
+@pytest.mark.parametrize("pattern", ["TT", "M", "TM", "MT", "MMTT", "TT/conv4"])
 def test_cache_equals_no_cache_greedy(tokenizer, pattern):
     model = tiny_model(tokenizer.get_vocab_size(), pattern)
     prompt = tokenizer.encode("The old king", prepend="<|bos|>")
@@ -189,8 +203,9 @@ def test_param_groups_cover_every_parameter_once(tokenizer):
     assert all(p.ndim == 2 for p in groups["matrix"])
 
 
-def test_loss_ignores_minus_one_and_packing_mask(tokenizer):
-    model = tiny_model(tokenizer.get_vocab_size())
+@pytest.mark.parametrize("pattern", ["TT", "TT/conv4"])
+def test_loss_ignores_minus_one_and_packing_mask(tokenizer, pattern):
+    model = tiny_model(tokenizer.get_vocab_size(), pattern)
     x = torch.randint(0, 300, (1, 12))
     y = x.clone()
     y[0, :6] = -1
@@ -205,7 +220,7 @@ def test_loss_ignores_minus_one_and_packing_mask(tokenizer):
     assert torch.allclose(out[:, 5:], model(b), atol=1e-5)
 
 
-@pytest.mark.parametrize("pattern", ["TT", "TM", "MM"])
+@pytest.mark.parametrize("pattern", ["TT", "TM", "MM", "TM/conv3"])
 def test_cache_rows_advance_independently(tokenizer, pattern):
     """Prefill in pieces (prompt, then an injected block, then single steps) equals one full forward."""
     model = tiny_model(tokenizer.get_vocab_size(), pattern)
@@ -258,22 +273,16 @@ class PartlyScriptedGPT(GPT):
         return logits
 
 
-@pytest.mark.parametrize("pattern", ["TT", "MM", "TM"])
+@pytest.mark.parametrize("pattern", ["TT", "MM", "TM", "TM/conv3"])
 def test_batched_prompts_equal_one_at_a_time(tokenizer, pattern, monkeypatch):
     """Several prompts of different lengths, several samples each, generated together: every row
     equals the same prompt generated alone, token for token (greedy), with searches, calculator
     calls and rows that stop at different steps."""
     S = tokenizer.special
     torch.manual_seed(0)
-    cfg = GPTConfig(sequence_len=128, vocab_size=tokenizer.get_vocab_size(), n_layer=len(pattern), n_head=2,
-                    n_kv_head=1, n_embd=64, block_pattern=pattern, mamba_d_state=16, mamba_headdim=16,
-                    mamba_chunk_size=8)
-    model = PartlyScriptedGPT(cfg)
+    model = PartlyScriptedGPT(tiny_config(tokenizer.get_vocab_size(), pattern))
     model.init_weights()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.add_(torch.randn_like(p) * 0.05)
+    perturb(model)
     model.eval()
     model.special_ids = list(S.values())
     keep = InferenceCache.keep
@@ -338,7 +347,7 @@ def test_per_prompt_retrievers_and_seeded_sampling(tokenizer):
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
 
-@pytest.mark.parametrize("pattern", ["TT", "TM", "MM"])
+@pytest.mark.parametrize("pattern", ["TT", "TM", "MM", "TT/conv4"])
 def test_ragged_forward_equals_rows_alone(tokenizer, pattern):
     """Rows fed different numbers of tokens in one right-padded forward (lengths) end in the same
     state, with the same last logits, as each row fed alone; the KV cache grows when it must."""
@@ -389,7 +398,7 @@ def test_loss_on_supervised_positions_only_equals_full_logits(tokenizer):
 
 def test_compiled_training_step_matches_eager(tokenizer):
     """base_train --compile: the compiled module gives the eager loss and gradients (to tolerance)."""
-    model = tiny_model(tokenizer.get_vocab_size(), "TM").train()
+    model = tiny_model(tokenizer.get_vocab_size(), "TM/conv4").train()
     x = torch.randint(0, 300, (2, 16))
     y = torch.randint(0, 300, (2, 16))
     loss = model(x, y)
@@ -401,3 +410,21 @@ def test_compiled_training_step_matches_eager(tokenizer):
     assert torch.allclose(loss, compiled_loss, atol=1e-5)
     for g, p in zip(eager, model.parameters()):
         assert torch.allclose(g, p.grad, atol=1e-4)
+
+
+def test_per_prompt_settings_match_each_prompt_alone(tokenizer):
+    """chat_web batches requests with their own max_tokens, temperature, top-k and seed: each row is
+    what that prompt gives alone with its settings, and stops at its own max_tokens."""
+    model = tiny_model(tokenizer.get_vocab_size(), "TM/conv3")
+    engine = Engine(model, tokenizer)
+    prompts = [tokenizer.encode(t, prepend="<|bos|>") for t in ("The old king", "A cat", "Blue river flows by")]
+    settings = {"max_tokens": [5, 14, 9], "temperature": [0.0, 1.0, 0.7], "top_k": [None, 20, 5], "seed": [1, 2, 3]}
+    rows = engine.generate_batch(prompts, **settings)
+    for p, prompt in enumerate(prompts):
+        mine = {k: v[p] for k, v in settings.items()}
+        alone = engine.generate_batch(prompt, **mine)[0]
+        assert rows[p].tokens == alone.tokens
+        assert len(rows[p].tokens) - len(prompt) <= mine["max_tokens"]
+    assert len(rows[0].tokens) - len(prompts[0]) == 5   # greedy, cut at its own limit while the others went on
+    with pytest.raises(ValueError, match="one value for each"):
+        engine.generate_batch(prompts, max_tokens=[5, 6])
