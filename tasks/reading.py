@@ -32,7 +32,7 @@ from nanochat.rag import answer_text, exact_match, qa_reward
 
 HELDOUT_BUCKETS = 8          # one word (and name) in 8 is held out
 HELDOUT_SHAPES = ("infobox",)
-FIELD_SHAPES = ("record", "prose", "infobox", "table")   # entity x field schemas
+FIELD_SHAPES = ("record", "inline", "prose", "infobox", "table")   # entity x field schemas
 SHAPES = FIELD_SHAPES + ("glossary", "list", "manual", "cloze")
 STOPWORDS = set("""the and for with that this from are was were been being have has had not but can will would
 should could may might must shall into onto over under than then them they their there these those which what
@@ -152,7 +152,11 @@ QUESTIONS = ["What is the {f} of {e}?", "What is {e}'s {f}?", "What {f} does {e}
 HEAD_NOUNS = ["code", "number", "value", "name", "entry", "field"]
 
 
-def field_question(rng, entity, field):
+def field_question(rng, entity, field, noun=None):
+    """A question about one field of an entity; with noun, sometimes "the <noun> <entity>" (real
+    questions name the kind of thing: "the currency Iceland Krona")."""
+    if noun and rng.random() < 0.15:
+        entity = f"the {noun} {entity}"
     f = field
     if " " in f and rng.random() < 0.25:
         f = f.split()[-1]                      # a shorter name for the field
@@ -177,10 +181,16 @@ def _schema(v, rng):
     return fields
 
 
-def _entities(v, rng, n):
+def _entities(v, rng, n, related=False):
+    """n distinct names; related: they share a word ("Iceland Krona", "Swedish Krona"), as the
+    near misses a retriever brings next to the right entry do."""
     names, seen = [], set()
+    shared, shared_first = v.word().capitalize(), rng.random() < 0.5
     while len(names) < n:
         name = v.name()
+        if related:
+            other = v.word().capitalize()
+            name = f"{shared} {other}" if shared_first else f"{other} {shared}"
         if name.lower() not in seen:
             seen.add(name.lower())
             names.append(name)
@@ -213,6 +223,14 @@ def render_record(rng, name, values, shape):
         return "\n".join(f"{_key(rng, f)}{sep}{val}" for f, val in items)
     if shape == "infobox":
         return f"| {name} |\n" + "\n".join(f"| {_key(rng, f)} | {val} |" for f, val in items)
+    if shape == "inline":
+        # one line, values ended by a delimiter rather than the line's end ("EPERM (errno 1): ...",
+        # "a=1, b=2", tab-separated columns): the answer stops at the punctuation
+        sep, kv = rng.choice([", ", "; ", " | ", "\t", ". "]), rng.choice([": ", "=", " ", " - "])
+        fields = [f"{_key(rng, f)}{kv}{val}" for f, val in items]
+        if rng.random() < 0.3:
+            return f"{name} ({fields[0]}): " + sep.join(fields[1:])
+        return sep.join(fields)
     sentences = []   # prose
     for k, (f, val) in enumerate(items):
         subject = name if k == 0 or rng.random() < 0.5 else "Its"
@@ -243,36 +261,38 @@ def rigid_drill(v, rng):
 
 def record_drill(v, rng, shape, num_docs):
     schema = _schema(v, rng)
-    names = _entities(v, rng, num_docs)
+    names = _entities(v, rng, num_docs, related=num_docs > 1 and rng.random() < 0.4)
     values = _fill(v, names, schema)
     docs = [{"id": f"d{k}", "title": name, "text": render_record(rng, name, vals, shape)}
             for k, (name, vals) in enumerate(zip(names, values))]
     gold = rng.randrange(num_docs)
     field = rng.choice(schema)[0]
-    return docs, gold, field_question(rng, names[gold], field), values[gold][field]
+    return docs, gold, field_question(rng, names[gold], field, noun=v.word()), values[gold][field]
 
 
 def table_drill(v, rng, num_docs):
     schema = _schema(v, rng)[:rng.randint(2, 4)]
-    docs, facts = [], []
+    docs, facts, headers = [], [], []
+    sep = rng.choice([" | ", " | ", "\t", ", "])   # real tables: pipes, tabs (/etc files, TSV), commas
     for k in range(num_docs):
         names = _entities(v, rng, rng.randint(2, 5))
         rows = _fill(v, names, schema)
         header = rng.choice(["name", "entry", "item", v.word()])
-        lines = [" | ".join([header] + [_key(rng, f) for f, _ in schema])]
-        lines += [" | ".join([n] + [row[f] for f, _ in schema]) for n, row in zip(names, rows)]
+        lines = [sep.join([header] + [_key(rng, f) for f, _ in schema])]
+        lines += [sep.join([n] + [row[f] for f, _ in schema]) for n, row in zip(names, rows)]
         docs.append({"id": f"d{k}", "title": v.phrase(1, 3).capitalize(), "text": "\n".join(lines)})
         facts.append((names, rows))
+        headers.append(header)
     gold = rng.randrange(num_docs)
     names, rows = facts[gold]
     i, field = rng.randrange(len(names)), rng.choice(schema)[0]
     value = rows[i][field]
     if rng.random() < 0.25 and sum(row[field] == value for row in rows) == 1:
         # the other way round: which row has this value? ("Which status code has the reason phrase Not Found?")
-        header = docs[gold]["text"].split(" | ")[0]
+        header = headers[gold]
         question = rng.choice(REVERSE_QUESTIONS).format(h=header, f=field, v=value)
         return docs, gold, question, names[i]
-    return docs, gold, field_question(rng, names[i], field), value
+    return docs, gold, field_question(rng, names[i], field, noun=headers[gold]), value
 
 
 REVERSE_QUESTIONS = ["Which {h} has the {f} {v}?", "Which {h} has {v} as its {f}?", "What {h} has a {f} of {v}?",
@@ -336,7 +356,7 @@ def manual_drill(v, rng, num_docs):
     gold = rng.randrange(num_docs)
     cmd, summary, options = facts[gold]
     if rng.random() < 0.4:
-        q = rng.choice(["What does {c} do?", "What is {c}?", "What is the {c} command for?",
+        q = rng.choice(["What does {c} do?", "What is {c}?", "What is the {c} command for?", "What does the {c} command do?",
                         "Describe the {c} command."]).format(c=cmd)
         return docs, gold, q, summary
     short, long, desc = rng.choice(options)
@@ -417,8 +437,16 @@ class ReadingDrills(Task):
                 made = term_drill(v, rng, shape, num_docs)
             else:
                 made = {"table": table_drill, "manual": manual_drill}[shape](v, rng, num_docs)
-            if made is not None:
-                return (shape, *made)
+            if made is None:
+                continue
+            docs = made[0]
+            if shape != "cloze" and self.paragraphs and rng.random() < 0.3:
+                # real documents carry text nobody asks about (a DESCRIPTION, notes): after the
+                # facts, a piece of a real paragraph, short enough that documents are not cut
+                limit = 600 if num_docs == 1 else 250
+                for d in docs:
+                    d["text"] += "\n\n" + " ".join(rng.choice(self.paragraphs).split())[:rng.randint(limit // 3, limit)]
+            return (shape, *made)
 
     def get_example(self, index):
         rng = random.Random(f"read-{self.split}-{self.seed}-{self.level}-{index}")

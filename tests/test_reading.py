@@ -101,3 +101,26 @@ def test_make_qa_asks_about_key_value_lines():
     asked = {r["question"]: r["answers"][0] for r in rows}
     assert asked == {"What is the alpha 3 of Aruba?": "ABW", "What is the capital of Aruba?": "Oranjestad"}
     assert all(r["supporting_ids"] == ["a"] for r in rows)
+
+
+def test_inline_records_tab_tables_and_near_miss_names():
+    """Drills v3: values ended by punctuation on one line, tables with tab or comma columns, and
+    distractor entries whose names share a word with the right one."""
+    import random
+    from tasks.reading import Vocab, record_drill, table_drill
+    words = [f"word{chr(97 + i)}{chr(97 + j)}" for i in range(20) for j in range(20)]
+    inline, seps, related = 0, set(), 0
+    for i in range(200):
+        rng = random.Random(i)
+        docs, gold, question, answer = record_drill(Vocab(words, rng), rng, "inline", 3)
+        text = docs[gold]["text"]
+        assert answer in text and "\n" not in text
+        inline += 1
+        first = [d["title"].split() for d in docs]
+        related += len(first[0]) == 2 and (len({t[0] for t in first}) == 1 or len({t[-1] for t in first}) == 1)
+        rng = random.Random(1000 + i)
+        docs, gold, question, answer = table_drill(Vocab(words, rng), rng, 1)
+        seps.update(s for s in ("\t", ", ", " | ") if s in docs[0]["text"].split("\n")[0])
+        assert answer in docs[gold]["text"]
+    assert seps == {"\t", ", ", " | "}
+    assert 40 < related < 140   # about 40% of the multi-document drills
