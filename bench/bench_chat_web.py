@@ -7,7 +7,8 @@ answered one at a time per replica (--max-batch 1, as the server worked before) 
 For each --max-batch value the server is started in a subprocess, --streams clients send their
 questions at the same moment (one per knowledge-base document title, sampled at temperature 0.6
 with their own seeds), and each stream's first-token latency and token rate are measured from
-its server-sent events. Run it on an otherwise idle machine.
+its server-sent events (the streamed text re-encoded with the model's tokenizer: the server merges
+token events that queue up). Run it on an otherwise idle machine.
 """
 import os
 import sys
@@ -74,7 +75,7 @@ def one_stream(url, question, seed, out, i):
             "temperature": 0.6, "max_tokens": args.max_tokens, "seed": seed}
     t0 = time.perf_counter()
     first = last = None
-    tokens = 0
+    text = ""
     with httpx.stream("POST", url + "/chat/completions", json=body, timeout=600) as r:
         for line in r.iter_lines():
             if not line.startswith("data: "):
@@ -83,7 +84,8 @@ def one_stream(url, question, seed, out, i):
             if event["type"] == "token":
                 last = time.perf_counter()
                 first = first or last
-                tokens += 1
+                text += event["text"]
+    tokens = len(tokenizer.encode_text(text)) if text else 0
     out[i] = {"ttft": (first or time.perf_counter()) - t0, "tokens": tokens,
               "rate": (tokens - 1) / (last - first) if tokens > 1 and last > first else float("nan"),
               "total": time.perf_counter() - t0}
@@ -100,6 +102,10 @@ def measure(url, questions):
     return out, time.perf_counter() - t0
 
 
+os.environ["NANOCHAT_BASE_DIR"] = args.base_dir
+sys.path.insert(0, REPO)
+from nanochat.tokenizer import get_tokenizer   # noqa: E402  (after the base dir is set)
+tokenizer = get_tokenizer()
 questions = [f"Tell me about {t}." for t in titles(args.kb, args.streams)]
 questions += questions[:args.streams - len(questions)] * args.streams   # a KB smaller than --streams
 questions = questions[:args.streams]

@@ -352,7 +352,15 @@ async def chat_completions(request: Request):
         job = Job(req, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
         jobs.put(job)
         try:
-            while (event := await events.get()) is not None:
+            held = []   # an event taken off the queue while merging, sent next
+            while (event := held.pop() if held else await events.get()) is not None:
+                # token events that queued up while the client was being written to go out as one
+                while event["type"] == "token" and not events.empty():
+                    following = events.get_nowait()
+                    if following is None or following["type"] != "token":
+                        held.append(following)
+                        break
+                    event = {"type": "token", "text": event["text"] + following["text"]}
                 yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
             stats["completed"] += 1
         finally:   # also on client disconnect (the generator is cancelled): its row stops at the next step
