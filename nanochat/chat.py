@@ -57,11 +57,11 @@ def respond_batch(model, tokenizer, requests, retriever=None, max_searches=4, st
             yield i, {"type": "documents", "query": r["messages"][-1]["content"], "documents": list(streams[i].documents)}
         prompts.append(fit_prompt(tokenizer, conversation, model.config.sequence_len - r["max_tokens"]))
     engine = Engine(model, tokenizer, max_searches=max_searches)
-    settings = {key: [r[name] for r in requests] for key, name in
-                (("max_tokens", "max_tokens"), ("temperature", "temperature"), ("top_k", "top_k_sampling"), ("seed", "seed"))}
+    each = lambda key: [r[key] for r in requests]   # one setting, per request
     rows = None
-    for _, _, rows in engine.generate(prompts, 1, retrievers=[retriever if r["mode"] == "auto" else None for r in requests],
-                                      top_ks=[r["top_k"] for r in requests], **settings):
+    for _, _, rows in engine.generate(prompts, 1, max_tokens=each("max_tokens"), temperature=each("temperature"),
+                                      top_k=each("top_k_sampling"), seed=each("seed"), top_ks=each("top_k"),
+                                      retrievers=[retriever if r["mode"] == "auto" else None for r in requests]):
         for i, row in enumerate(rows):
             if streams[i].closed:
                 continue
