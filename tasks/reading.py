@@ -33,7 +33,7 @@ from nanochat.rag import answer_text, exact_match, qa_reward
 HELDOUT_BUCKETS = 8          # one word (and name) in 8 is held out
 HELDOUT_SHAPES = ("infobox",)
 FIELD_SHAPES = ("record", "inline", "prose", "infobox", "table")   # entity x field schemas
-SHAPES = FIELD_SHAPES + ("glossary", "list", "manual", "cloze")
+SHAPES = FIELD_SHAPES + ("unkeyed", "glossary", "list", "manual", "cloze")
 STOPWORDS = set("""the and for with that this from are was were been being have has had not but can will would
 should could may might must shall into onto over under than then them they their there these those which what
 when where while who whom whose why how all any each every some such only also more most other another same very
@@ -368,6 +368,97 @@ def manual_drill(v, rng, num_docs):
     return docs, gold, q, f"--{long}"
 
 
+# What a value is called when the document gives it no key: the question names its kind, the
+# document shows it only by its form (a number, a short upper-case code, a phrase).
+KIND_NOUNS = {
+    "number": ["number", "count", "index", "port", "numeric value", "number code", "numeric code", "no."],
+    "code": ["abbreviation", "symbol", "letter code", "short code", "alphabetic code", "short name", "tag"],
+    "phrase": ["description", "message", "meaning", "text", "summary", "phrase", "explanation", "label",
+               "comment", "note", "purpose", "definition", "reason"],
+}
+SHORT_NOUNS = ["code", "value", "identifier", "id"]   # fit a number or a code when the document has one of them
+COUNT_WORDS = {2: "two", 3: "three", 4: "four", 5: "five"}
+
+
+def kind_noun(rng, v, kind, value, short_unique):
+    """How a question names a value of this kind: its kind noun, sometimes after a modifier word
+    ("reason phrase", "error message", "port number"), sometimes by its length ("three-letter code")."""
+    if short_unique and kind != "phrase" and rng.random() < 0.3:
+        noun = rng.choice(SHORT_NOUNS)
+    else:
+        noun = rng.choice(KIND_NOUNS[kind])
+    if kind == "code" and rng.random() < 0.4 and len(value) in COUNT_WORDS:
+        noun = f"{rng.choice([COUNT_WORDS[len(value)], str(len(value))])}-letter {rng.choice(['code', 'code', 'abbreviation'])}"
+    elif kind == "number" and rng.random() < 0.2 and len(value) in COUNT_WORDS:
+        noun = f"{rng.choice([COUNT_WORDS[len(value)], str(len(value))])}-digit {rng.choice(['number', 'code'])}"
+    elif rng.random() < 0.35:
+        noun = f"{v.word()} {noun}"
+    return noun
+
+
+def unkeyed_drill(v, rng, num_docs):
+    """One-line entries whose values carry no key ("EPERM (errno 1): Operation not permitted",
+    "ftp  21/tcp  # File Transfer", "404 Not Found", "Lebanon LB LBN 422"): the question names
+    the kind of value it wants, and the document says which value is which only by its form."""
+    layout = rng.randrange(6)
+    letters = "ABCDEFGHJKLMNPRSTUVWXYZ"
+    names = _entities(v, rng, num_docs, related=num_docs > 1 and rng.random() < 0.3)
+    code_lengths = rng.sample([2, 3, 4], 2)
+    digits = rng.choice([1, 2, 3, 4]) if num_docs < 5 else rng.choice([2, 3, 4])
+    numbers = rng.sample(range(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits), num_docs)
+    docs, facts = [], []
+    for k, name in enumerate(names):
+        number = str(numbers[k])
+        phrase = v.phrase(1, 5)
+        phrase = phrase.capitalize() if rng.random() < 0.5 else (phrase.title() if rng.random() < 0.5 else phrase)
+        codes = ["".join(rng.choice(letters) for _ in range(n)) for n in code_lengths]
+        if layout == 0:     # NAME (word N): Phrase
+            key, values = name.upper(), {"number": number, "phrase": phrase}
+            text = f"{key} ({v.word()} {number}): {phrase}"
+        elif layout == 1:   # N Phrase: the number names the entry
+            key, values = number, {"phrase": phrase}
+            text = f"{number} {phrase}" + (f"\n{v.phrase(3, 8).capitalize()}." if rng.random() < 0.5 else "")
+        elif layout == 2:   # name<TAB>N/word<TAB># Phrase
+            key, values = name.lower(), {"number": number, "phrase": phrase}
+            text = f"{key}\t\t{number}/{rng.choice(['tcp', 'udp', v.word()])}\t\t# {phrase}"
+        elif layout == 3:   # Name CODE [CODE] N
+            key, values = name, {"code": codes[0], "number": number}
+            row = [name, codes[0]] + ([codes[1]] if rng.random() < 0.5 else []) + [number]
+            text = rng.choice([" ", "\t", ", ", " | "]).join(row)
+            if len(row) == 4:
+                values["second code"] = codes[1]
+        elif layout == 4:   # name - phrase
+            key, values = name.lower(), {"phrase": phrase}
+            text = f"{key} {rng.choice(['-', '--', ':'])} {phrase}"
+        else:               # Name: Phrase [CODE]
+            key, values = name, {"phrase": phrase, "code": codes[0]}
+            text = f"{name}: {phrase} [{codes[0]}]"
+        docs.append({"id": f"d{k}", "title": key if rng.random() < 0.5 else v.phrase(1, 2).capitalize(), "text": text})
+        facts.append((key, values))
+    gold = rng.randrange(num_docs)
+    key, values = facts[gold]
+    phrase_noun = lambda: kind_noun(rng, v, "phrase", "", False)
+    if "phrase" in values and rng.random() < 0.25:
+        # the other way round: which entry has this phrase? ("Which status code has the reason phrase Not Found?")
+        answer = values.get("number", key)
+        q = rng.choice(["Which {n} has the {p} {v}?", "What {n} has {p} {v}?", "Which {n} means {v}?",
+                        "What is the {n} for {v}?"]).format(n=kind_noun(rng, v, "number", answer, True), p=phrase_noun(),
+                                                            v=values["phrase"])
+        return docs, gold, q, answer
+    kind = rng.choice([k for k in values if k != "second code"] + (["second code"] if "second code" in values else []))
+    answer = values[kind]
+    if kind in ("code", "second code") and "second code" in values:
+        noun = f"{COUNT_WORDS[len(answer)]}-letter code"   # two codes: only the length tells them apart
+    else:
+        noun = kind_noun(rng, v, kind, answer, short_unique=sum(k != "phrase" for k in values) == 1)
+    entity = key
+    if rng.random() < 0.3:   # the kind of entry before its name ("HTTP status code 404", "the error EPERM")
+        entity = (f"{v.word()} {rng.choice(['number', 'code', 'no.'])} {key}" if key.isdigit()
+                  else f"{rng.choice(['the ', ''])}{v.word()} {key}")
+    q = rng.choice(QUESTIONS).format(f=noun, e=entity)   # not field_question: its head nouns would name a kind
+    return docs, gold, q[0].upper() + q[1:], answer
+
+
 def cloze_drill(rng, paragraphs, num_docs):
     """A real paragraph, a sentence of it with a span blanked out: the span is the answer."""
     for _ in range(20):
@@ -428,7 +519,7 @@ class ReadingDrills(Task):
             return ("rigid", *rigid_drill(v, rng))
         num_docs = 1 if self.level == 2 else rng.randint(2, 5)
         while True:   # a cloze draw can fail (no usable sentence): draw again
-            shape = rng.choice(self.shapes)
+            shape = rng.choice(self.shapes + ["unkeyed"])   # twice the weight: most real reference files are unkeyed
             if shape in FIELD_SHAPES:
                 made = record_drill(v, rng, shape, num_docs)
             elif shape == "cloze":
@@ -436,7 +527,7 @@ class ReadingDrills(Task):
             elif shape in TERM_QUESTIONS:
                 made = term_drill(v, rng, shape, num_docs)
             else:
-                made = {"table": table_drill, "manual": manual_drill}[shape](v, rng, num_docs)
+                made = {"table": table_drill, "manual": manual_drill, "unkeyed": unkeyed_drill}[shape](v, rng, num_docs)
             if made is None:
                 continue
             docs = made[0]
