@@ -20,6 +20,7 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--kb", required=True, metavar="KB_DIR", help="knowledge base directory (from kb_tools.build_kb)")
 parser.add_argument("--queries", required=True, metavar="FILE.jsonl", help='{"query", "relevant": [doc ids]} per line')
 parser.add_argument("--retriever", default="bm25", help="simple | bm25 | dense | hybrid (default bm25)")
+parser.add_argument("--query-encoder", default="tuned", choices=["tuned", "base"], help="dense/hybrid: tuned = the KB's trained query encoder when it has one (scripts.retriever_train), base = the embedding model")
 parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
 args = parser.parse_args()
 
@@ -30,7 +31,7 @@ if args.retriever not in RETRIEVERS:
     die(f"--retriever must be one of {', '.join(RETRIEVERS)}, got {args.retriever!r}")
 try:
     queries = read_queries(args.queries)
-    manager = RetrievalManager(args.kb, retriever=args.retriever)
+    manager = RetrievalManager(args.kb, retriever=args.retriever, query_encoder=args.query_encoder)
     known = {d.id for d in manager.documents}
     for q in queries:
         missing = [r for r in q["relevant"] if r not in known]

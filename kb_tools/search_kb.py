@@ -15,6 +15,7 @@ from kb_tools import die
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--kb", required=True, metavar="KB_DIR", help="knowledge base directory (from kb_tools.build_kb)")
 parser.add_argument("--retriever", default="bm25", help="simple | bm25 | dense | hybrid (default bm25)")
+parser.add_argument("--query-encoder", default="tuned", choices=["tuned", "base"], help="dense/hybrid: tuned = the KB's trained query encoder when it has one (scripts.retriever_train), base = the embedding model")
 parser.add_argument("--top-k", type=int, default=5, help="number of results (default 5)")
 parser.add_argument("--query", required=True, help="the query text")
 parser.add_argument("--json", action="store_true", help="print one JSON object per result instead of a listing")
@@ -29,7 +30,7 @@ if args.retriever not in RETRIEVERS:
     die(f"--retriever must be one of {', '.join(RETRIEVERS)}, got {args.retriever!r}")
 
 try:
-    manager = RetrievalManager(args.kb, retriever=args.retriever)
+    manager = RetrievalManager(args.kb, retriever=args.retriever, query_encoder=args.query_encoder)
     results = manager.search(args.query, args.top_k)
 except (ValueError, FileNotFoundError) as e:
     die(str(e))

@@ -55,7 +55,7 @@ try:
         if args.no_retrieval:
             task = base
         else:
-            kb = open_kb(args.kb, args.retriever, args.embedding_model)
+            kb = open_kb(args.kb, args.retriever, args.embedding_model, args.query_encoder)
             task = MultiHopRAGTask(base, kb, args.top_k) if args.multihop else RAGTask(base, kb, args.top_k)
     else:
         task = build_task(args.task, args, "heldout")

@@ -59,6 +59,7 @@ parser.add_argument("--model-tag", default=None, help="checkpoint directory name
 parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
 parser.add_argument("--kb", default=None, help="knowledge base directory built by kb_tools.build_kb")
 parser.add_argument("--retriever", default="bm25", help="simple | bm25 | dense | hybrid (must be built into the KB)")
+parser.add_argument("--query-encoder", default="tuned", choices=["tuned", "base"], help="dense/hybrid: tuned = the KB's trained query encoder when it has one (scripts.retriever_train), base = the embedding model")
 parser.add_argument("--top-k", type=int, default=3, help="default documents per search (the UI can change it)")
 parser.add_argument("--retrieval", default="auto", choices=RETRIEVAL_MODES, help="default retrieval mode (the UI can change it)")
 parser.add_argument("--max-searches", type=int, default=4, help="most searches the model may make per answer (mode auto)")
@@ -92,7 +93,7 @@ retriever = None
 if args.kb:
     from nanochat.retrieval import RetrievalManager
     try:
-        retriever = RetrievalManager(args.kb, retriever=args.retriever)
+        retriever = RetrievalManager(args.kb, retriever=args.retriever, query_encoder=args.query_encoder)
     except (FileNotFoundError, ValueError) as e:
         die(str(e))
 

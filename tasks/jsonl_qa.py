@@ -43,6 +43,7 @@ def read_qa_jsonl(path):
             if queries is not None and (not isinstance(queries, list) or len(queries) != len(row["hops"])
                                         or not all(isinstance(q, str) and q.strip() for q in queries)):
                 raise UserError(f"{where}: 'queries' must be one non-empty string per hop")
+            row["line"] = lineno   # for errors found later (a gold id missing from the KB)
             rows.append(row)
     if not rows:
         raise UserError(f"{path}: no questions in QA file")

@@ -125,6 +125,29 @@ COMPARISONS = {
     "org": ["Which was founded first, {a} or {b}?", "Which company is older, {a} or {b}?", "Which was founded earlier, {a} or {b}?"],
     "work": ["Which was written first, {a} or {b}?", "Which work is older, {a} or {b}?", "Which was written earlier, {a} or {b}?"],
 }
+# Descriptive questions name an entity by some of its facts, never by its name ("Who founded the
+# glassmaking company in Toral that was set up in 1843?"): the retriever has to match facts, not a title.
+# (kind, asked attribute) -> [(template, the facts it names)]; a question is asked only if those
+# facts single out one entity of the world.
+DESCRIPTIVE = {
+    ("person", "job"): [("What does the person born in {born_in} in {year} do for a living?", ("born_in", "year")),
+                        ("Which profession does the native of {born_in} born in {year} have?", ("born_in", "year"))],
+    ("person", "year"): [("When was the {job} from {born_in} born?", ("job", "born_in")),
+                         ("In what year was the {job} who comes from {born_in} born?", ("job", "born_in"))],
+    ("person", "born_in"): [("Where was the {job} born in {year} born?", ("job", "year")),
+                            ("Which city is the {job} born in {year} from?", ("job", "year"))],
+    ("org", "founder"): [("Who founded the {industry} company in {city} that was set up in {year}?", ("industry", "city", "year")),
+                         ("Who started the {industry} firm based in {city}?", ("industry", "city"))],
+    ("org", "year"): [("When was the {industry} company of {city} founded?", ("industry", "city")),
+                      ("In which year did {founder} found a {industry} business?", ("founder", "industry"))],
+    ("org", "city"): [("Where is the {industry} company that {founder} founded based?", ("industry", "founder")),
+                      ("In which city is the {industry} firm from {year} based?", ("industry", "year"))],
+    ("org", "industry"): [("What business is the company that {founder} founded in {year} in?", ("founder", "year"))],
+    ("work", "author"): [("Who wrote the {genre} that appeared in {year}?", ("genre", "year")),
+                         ("Which writer is behind the {genre} from {year}?", ("genre", "year"))],
+    ("work", "year"): [("When did {author} write the {genre}?", ("author", "genre"))],
+    ("work", "genre"): [("What kind of work did {author} write in {year}?", ("author", "year"))],
+}
 # multi-hop paths: (start kind, relations followed, final attribute's kind)
 PATHS_2HOP = [("org", ["founder"]), ("work", ["author"]), ("person", ["born_in"]), ("org", ["city"])]
 PATHS_3HOP = [("org", ["founder", "born_in"]), ("work", ["author", "born_in"])]
@@ -175,19 +198,32 @@ class World:
         return {"question": question, "answers": [str(last[attribute])],
                 "hops": names, "queries": names, "type": "single" if hops == 1 else f"{hops}-hop"}
 
+    def descriptive_question(self, rng):
+        """A single-hop question that describes its entity by facts (DESCRIPTIVE), or None when
+        the drawn description fits more than one entity (redraw)."""
+        (kind, attribute), templates = rng.choice(list(DESCRIPTIVE.items()))
+        template, facts = rng.choice(templates)
+        entity = rng.choice(self.by_kind[kind])
+        if sum(all(e[f] == entity[f] for f in facts) for e in self.by_kind[kind]) != 1:
+            return None
+        return {"question": template.format(**entity), "answers": [str(entity[attribute])], "hops": [entity["name"]],
+                "queries": [entity["name"]], "type": "descriptive"}
+
     def write_kb_input(self, path):
         """The jsonl that `python -m kb_tools.build_kb --input PATH --out KB_DIR` reads."""
         with open(path, "w", encoding="utf-8") as f:
             for doc in self.documents():
                 f.write(json.dumps(doc) + "\n")
 
-    def write_qa(self, path, n, hops=1, seed=0):
+    def write_qa(self, path, n, hops=1, seed=0, descriptive=False):
         """n questions in tasks.jsonl_qa's format: hops (gold doc ids in order), queries (the name
-        to search for at each hop) and type."""
-        rng = random.Random(f"qa-{seed}-{hops}")
+        to search for at each hop) and type. descriptive: DESCRIPTIVE single-hop questions."""
+        rng = random.Random(f"qa-{seed}-{'descriptive' if descriptive else hops}")
         with open(path, "w", encoding="utf-8") as f:
             for _ in range(n):
-                q = self.question(rng, hops)
+                q = None
+                while q is None:
+                    q = self.descriptive_question(rng) if descriptive else self.question(rng, hops)
                 f.write(json.dumps({"question": q["question"], "answers": q["answers"], "supporting_ids": q["hops"],
                                     "hops": q["hops"], "queries": q["queries"], "type": q["type"]}) + "\n")
 
@@ -346,4 +382,7 @@ if __name__ == "__main__":
         world.write_kb_input(os.path.join(args.out, f"{name}_kb.jsonl"))
         for hops in (1, 2, 3):
             world.write_qa(os.path.join(args.out, f"{name}_qa_{hops}hop.jsonl"), args.num_questions, hops, args.seed)
-        print(f"{name}: {len(world.documents())} articles -> {args.out}/{name}_kb.jsonl, {name}_qa_{{1,2,3}}hop.jsonl")
+        world.write_qa(os.path.join(args.out, f"{name}_qa_descriptive.jsonl"), args.num_questions, seed=args.seed,
+                       descriptive=True)
+        print(f"{name}: {len(world.documents())} articles -> {args.out}/{name}_kb.jsonl, "
+              f"{name}_qa_{{1,2,3}}hop.jsonl, {name}_qa_descriptive.jsonl")

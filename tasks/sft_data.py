@@ -24,6 +24,7 @@ def add_kb_flags(parser, heldout_split=False):
     parser.add_argument("--multihop", action="store_true", help="--qa: the model writes its own searches (REFRAG) instead of RAG")
     parser.add_argument("--retriever", default="bm25", help="simple | bm25 | dense | hybrid")
     parser.add_argument("--embedding-model", default=None, help="dense/hybrid: must be the model the KB was built with (checked)")
+    parser.add_argument("--query-encoder", default="tuned", choices=["tuned", "base"], help="dense/hybrid: tuned = the KB's trained query encoder when it has one (scripts.retriever_train), base = the embedding model")
     parser.add_argument("--top-k", type=int, default=3, help="documents per retrieval (knowledge-world levels fix their own)")
     if heldout_split:
         parser.add_argument("--qa-heldout-frac", type=float, default=0.2,
@@ -51,7 +52,7 @@ def build_task(name, args, split, seed=None):
         from tasks.jsonl_qa import JsonlQA
         if not (args.qa and args.kb):
             raise ValueError("the 'qa' mixture entry needs --qa FILE.jsonl and --kb KB_DIR")
-        retriever = open_kb(args.kb, args.retriever, args.embedding_model)
+        retriever = open_kb(args.kb, args.retriever, args.embedding_model, args.query_encoder)
         frac = getattr(args, "qa_heldout_frac", 0)
         # split by document: held-out questions are about documents no training question touches
         base = JsonlQA(args.qa, split=split if frac > 0 else None, heldout_frac=frac)
@@ -75,11 +76,11 @@ def build_task(name, args, split, seed=None):
     raise ValueError(f"unknown task {name!r} in --mixture (world1..world4, read1..read3, qa, smoltalk, gsm8k, arc, mmlu, hotpotqa)")
 
 
-def open_kb(kb_dir, retriever, embedding_model=None):
+def open_kb(kb_dir, retriever, embedding_model=None, query_encoder="tuned"):
     """A RetrievalManager; asking for an embedding model other than the KB's is an error there."""
     from nanochat.retrieval import RetrievalManager
     options = {"model": embedding_model} if embedding_model and retriever in ("dense", "hybrid") else {}
-    return RetrievalManager(kb_dir, retriever=retriever, **options)
+    return RetrievalManager(kb_dir, retriever=retriever, query_encoder=query_encoder, **options)
 
 
 def parse_mixture(spec):

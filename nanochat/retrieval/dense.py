@@ -101,15 +101,19 @@ class DenseRetriever(Retriever):
     name = "dense"
 
     def __init__(self, documents, model=DEFAULT_MODEL, index="flat", batch_size=32, device=None,
-                 ef_search=64, nprobe=8, show_progress=False, embeddings=None, faiss_index=None):
+                 ef_search=64, nprobe=8, show_progress=False, embeddings=None, faiss_index=None, query_model=None):
         """embeddings / faiss_index: precomputed rows for `documents` (loading a KB, adding to one);
-        when absent the documents are encoded here."""
+        when absent the documents are encoded here. query_model: a tuned query encoder (a loaded
+        sentence-transformers model) for the queries; documents stay in `model`'s space."""
         super().__init__(documents)
         if index not in INDEX_TYPES:
             raise ValueError(f"unknown dense index {index!r} (choose from {', '.join(INDEX_TYPES)})")
         self.model_name, self.index_type, self.batch_size = model, index, batch_size
         self.model = load_model(model, device)
         self.dim = embedding_dim(self.model)
+        self.query_model = query_model if query_model is not None else self.model
+        if embedding_dim(self.query_model) != self.dim:
+            raise ValueError(f"the query encoder gives dimension {embedding_dim(self.query_model)}, the documents {self.dim}")
         if embeddings is None:
             embeddings = encode(self.model, [index_text(d) for d in self.documents], batch_size, show_progress)
             embeddings = embeddings.reshape(len(self.documents), self.dim)
@@ -129,7 +133,7 @@ class DenseRetriever(Retriever):
         keep = np.array([bool(q.strip()) for q in queries])
         vecs = np.zeros((len(queries), self.dim), dtype=np.float32)
         if keep.any():
-            vecs[keep] = encode(self.model, [q for q, k in zip(queries, keep) if k], self.batch_size)
+            vecs[keep] = encode(self.query_model, [q for q, k in zip(queries, keep) if k], self.batch_size)
         return vecs, keep
 
     def search_vectors(self, vecs, keep, k):

@@ -255,6 +255,11 @@ def build_kb(inputs, out_dir, retrievers=None, chunk_words=None, overlap=None, m
             emb = np.concatenate([old_emb, new_emb.reshape(len(new_chunks), dim)])
             dense.DenseRetriever(chunks, model=params["model"], index=params["index"], embeddings=emb).save(os.path.join(tmp, "dense"))
             manifest["dense"] = {"model": params["model"], "dim": dim, "index": params["index"]}
+            if old is not None and old.manifest.get("query_encoder"):
+                # the tuned query encoder stays: new documents are embedded by the base model, as the old ones were
+                encoder = old.manifest["query_encoder"]
+                shutil.copytree(os.path.join(out_dir, encoder["dir"]), os.path.join(tmp, encoder["dir"]))
+                manifest["query_encoder"] = encoder
         manifest["checksums"] = {f: _sha256(os.path.join(tmp, f)) for f in _kb_files(tmp)}
         with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2)
@@ -302,8 +307,14 @@ class RetrievalManager:
     """Serves one retriever over a KB directory built by kb_tools.build_kb.
     Results are chunks (Documents whose metadata["doc_id"] names the parent document)."""
 
-    def __init__(self, kb_dir, retriever="bm25", **options):
+    def __init__(self, kb_dir, retriever="bm25", query_encoder="tuned", **options):
+        """query_encoder (dense and hybrid): "tuned" serves queries with the KB's trained query
+        encoder when it has one (scripts/retriever_train.py), "base" with the model the documents
+        were embedded with."""
         check_retriever_name(retriever)
+        if query_encoder not in ("tuned", "base"):
+            raise ValueError(f"query_encoder must be 'tuned' or 'base', got {query_encoder!r}")
+        self.query_encoder_choice = query_encoder
         self.kb = kb = load_kb(kb_dir)
         self.kb_dir, self.retriever_name = kb_dir, retriever
         built = kb.manifest["retrievers"]
@@ -321,6 +332,7 @@ class RetrievalManager:
             raise ValueError(f"{kb_dir}/manifest.json: built with tokenizer {kb.manifest.get('tokenizer')!r}, "
                              f"this code uses {TOKENIZER_VERSION!r}; rebuild the KB")
         self._by_id = None  # id -> document or chunk, built on the first get()
+        self.query_encoder = None   # dense and hybrid: "tuned" when the KB's trained encoder serves queries, else "base"
         self.retriever = self._open(retriever, options, lexical)
 
     def _open(self, name, options, lexical=None):
@@ -333,12 +345,16 @@ class RetrievalManager:
             return BM25Retriever.load(os.path.join(kb.directory, "bm25"), kb.chunks, mmap=mmap)
         if name == "dense":
             from nanochat.retrieval import dense
+            from nanochat.retrieval.query_encoder import encoder_path, load_encoder
             model = options.pop("model", m["dense"]["model"])
             if model != m["dense"]["model"]:
                 raise ValueError(f"{kb.directory}: KB embeddings were made with model {m['dense']['model']!r}, "
                                  f"not {model!r}; query with the same model or rebuild the KB")
+            tuned = encoder_path(kb.directory, m) if self.query_encoder_choice == "tuned" else None
+            self.query_encoder = "tuned" if tuned else "base"
+            query_model = load_encoder(tuned, options.get("device")) if tuned else None
             r = dense.DenseRetriever.load(os.path.join(kb.directory, "dense"), kb.chunks, model=model,
-                                          index=m["dense"]["index"], mmap=mmap, **options)
+                                          index=m["dense"]["index"], mmap=mmap, query_model=query_model, **options)
             if r.dim != m["dense"]["dim"]:
                 raise ValueError(f"{kb.directory}: model {model!r} gives dimension {r.dim}, the KB has {m['dense']['dim']}")
             return r
