@@ -308,6 +308,53 @@ class Engine:
             if row.mode == "text":
                 self._flush_text(row)
 
+    @torch.no_grad()
+    def generate_ensemble(self, groups, weights=None, max_tokens=64, temperature=0.0, top_k=None, seed=42):
+        """REPLUG / RAG-Token decoding: each group is one answer, given as k prompts (the same question
+        after each of k documents, one per prompt). Every step the next-token distribution is
+        sum_d lambda_d p(. | prompt_d) over the group's rows, one token is chosen from it and fed to
+        all of them (each row keeps its own KV cache / Mamba state). weights: per group, k lambdas
+        summing to 1 (default uniform). Tools are off (no searches, no calculator): the documents
+        were retrieved once, before. Yields per step the list of tokens each group gained
+        ([] once it finished); the stop token is not yielded."""
+        assert groups and all(g and all(isinstance(p, list) and p for p in g) for g in groups), "expected groups of prompts"
+        model, device = self.model, self.model.lm_head.weight.device
+        sizes = [len(g) for g in groups]
+        if weights is None:
+            weights = [[1.0 / k] * k for k in sizes]
+        if [len(w) for w in weights] != sizes:
+            raise ValueError("weights: one lambda per prompt of each group")
+        prompts = [p for g in groups for p in g]
+        owner = torch.tensor([gi for gi, k in enumerate(sizes) for _ in range(k)], device=device)
+        log_lambda = torch.log(torch.tensor([w for ws in weights for w in ws], dtype=torch.float32, device=device))
+        cache = InferenceCache(model, len(prompts), max(len(p) for p in prompts) + max_tokens + 1, device)
+        logits = self._feed(cache, list(range(len(prompts))), prompts)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        S = self.S
+        not_tokens = torch.zeros(logits.size(-1), dtype=torch.bool, device=device)
+        not_tokens[self.banned + [S["<|python_start|>"], S["<|search_start|>"]]] = True
+        not_tokens[self.tokenizer.get_vocab_size():] = True
+        done = [False] * len(groups)
+        for _ in range(max_tokens):
+            logp = torch.log_softmax(logits.float().masked_fill(not_tokens, float("-inf")), dim=-1) + log_lambda[:, None]
+            # log sum_d lambda_d p_d per group: a logsumexp over each group's rows
+            top = torch.full((len(groups), logp.size(-1)), float("-inf"), device=device)
+            top = top.scatter_reduce(0, owner[:, None].expand_as(logp), logp, reduce="amax")
+            top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+            mixture = torch.zeros_like(top).index_add_(0, owner, torch.exp(logp - top[owner])).log() + top
+            chosen = sample_next_token(mixture, generator, temperature, top_k)
+            out = []
+            for gi, tok in enumerate(chosen.tolist()):
+                if done[gi]:
+                    out.append([])
+                    continue
+                done[gi] = tok in self.stop_tokens
+                out.append([] if done[gi] else [tok])
+            yield out
+            if all(done):
+                break
+            logits = model(chosen[owner].view(-1, 1), cache=cache)[:, -1, :]
+
     def generate_batch(self, prompts, num_samples=1, keep_stop=False, **kwargs):
         """Run generate to the end. Returns the RowStates (prompt-major, as generate): .tokens
         (prompt + completion; the stop token only with keep_stop, as RL wants: stopping is a choice

@@ -8,7 +8,7 @@ own searches, the Engine runs them on the example's retriever and injects the do
 """
 import torch
 
-from nanochat.engine import Engine
+from nanochat.engine import Engine, RowState
 from nanochat.rag import answer_text, exact_match, f1_score, search_queries, retrieved_documents, \
     gold_recall, well_formed_query
 
@@ -22,21 +22,67 @@ def gold_ids(example):
     return example.get("hops") or example.get("supporting_ids") or []
 
 
+def ensemble_prompts(tokenizer, conversation, max_tokens):
+    """REPLUG-style inputs: one prompt per document of the conversation's retrieval message, each
+    the same question after that document alone. Returns (prompts, documents)."""
+    messages = conversation["messages"]
+    at = next((i for i, m in enumerate(messages) if m["role"] == "retrieval"), None)
+    if at is None or not messages[at]["documents"]:
+        return [tokenizer.render_for_completion(conversation, max_tokens=max_tokens)], []
+    docs = messages[at]["documents"]
+    one = lambda d: {"messages": messages[:at] + [dict(messages[at], documents=[d])] + messages[at + 1:]}
+    return [tokenizer.render_for_completion(one(d), max_tokens=max_tokens) for d in docs], docs
+
+
+def ensemble_weights(documents, weighting="score", temperature=0.1):
+    """lambda over the documents: softmax(retrieval score / temperature), or uniform."""
+    if not documents:
+        return [1.0]
+    if weighting == "uniform" or any("score" not in d for d in documents):
+        return [1.0 / len(documents)] * len(documents)
+    return torch.softmax(torch.tensor([d["score"] for d in documents], dtype=torch.float64) / temperature, 0).tolist()
+
+
+@torch.no_grad()
+def ensemble_rows(model, tokenizer, conversations, max_tokens=64, weighting="score", temperature=0.1):
+    """Greedy ensemble decoding (Engine.generate_ensemble) of each conversation over its retrieved
+    documents; returns one RowState per conversation (tokens: the first document's prompt + the answer)."""
+    engine = Engine(model, tokenizer)
+    groups, weights = [], []
+    for c in conversations:
+        prompts, docs = ensemble_prompts(tokenizer, c, model.config.sequence_len - max_tokens)
+        groups.append(prompts)
+        weights.append(ensemble_weights(docs, weighting, temperature))
+    answers = [[] for _ in groups]
+    for step in engine.generate_ensemble(groups, weights, max_tokens=max_tokens):
+        for g, toks in enumerate(step):
+            answers[g] += toks
+    return [RowState(tokens=g[0] + a, mask=[0] * len(g[0]) + [1] * len(a),
+                     parts=[{"type": "text", "text": tokenizer.decode_text(a)}] if a else [])
+            for g, a in zip(groups, answers)]
+
+
 @torch.no_grad()
 def rollouts(model, tokenizer, tasks, examples, num_samples=1, temperature=0.0, top_k=None, max_tokens=64,
-             seed=0, max_searches=4, retrieval=True, keep_stop=False):
+             seed=0, max_searches=4, retrieval=True, keep_stop=False, ensemble=None):
     """Generate num_samples completions for each example (examples[j] from tasks[j]), all in one
     Engine run. Returns one (prompt_ids, samples) per example, where each sample is a dict: row
     (RowState: tokens, mask, parts), reward, em, f1, searches, valid_searches, gold_recall, length
-    (sampled tokens), answer."""
+    (sampled tokens), answer. ensemble: {"weighting": "score"|"uniform", "temperature": t} decodes each
+    RAG example greedily as a mixture over its documents (ensemble_rows) instead of reading them together."""
     conversations = [ex if retrieval else without_retrieval(ex) for ex in examples]
     retrievers = [task.retriever_for(ex) if (retrieval and hasattr(task, "retriever_for")) else None
                   for task, ex in zip(tasks, examples)]
-    engine = Engine(model, tokenizer, max_searches=max_searches)
-    prompts = [tokenizer.render_for_completion(c, max_tokens=model.config.sequence_len) for c in conversations]
-    rows = engine.generate_batch(prompts, num_samples, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
-                                 seed=seed, keep_stop=keep_stop, retrievers=retrievers,
-                                 top_ks=[getattr(task, "top_k", 3) for task in tasks])
+    if ensemble:
+        assert num_samples == 1 and temperature == 0.0, "ensemble decoding is greedy, one answer per question"
+        rows = ensemble_rows(model, tokenizer, conversations, max_tokens, **ensemble)
+        prompts = [row.tokens[:len(row.mask) - sum(row.mask)] for row in rows]
+    else:
+        engine = Engine(model, tokenizer, max_searches=max_searches)
+        prompts = [tokenizer.render_for_completion(c, max_tokens=model.config.sequence_len) for c in conversations]
+        rows = engine.generate_batch(prompts, num_samples, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                                     seed=seed, keep_stop=keep_stop, retrievers=retrievers,
+                                     top_ks=[getattr(task, "top_k", 3) for task in tasks])
     results = []
     for j, (task, example, conversation, prompt) in enumerate(zip(tasks, examples, conversations, prompts)):
         answers = example.get("answers") or []
@@ -72,7 +118,7 @@ def rollout(model, tokenizer, task, example, num_samples=1, temperature=0.0, top
 
 
 def evaluate_task(model, tokenizer, task, num_examples, max_tokens=64, retrieval=True, max_searches=4, start=0,
-                  batch_size=32):
+                  batch_size=32, ensemble=None):
     """Greedy decoding on the first num_examples examples, batch_size questions generated
     together; mean of each metric."""
     keys = ("em", "f1", "searches", "valid_searches", "gold_recall", "length")
@@ -87,7 +133,7 @@ def evaluate_task(model, tokenizer, task, num_examples, max_tokens=64, retrieval
     for first in range(start, start + n, batch_size):
         examples = [task[i] for i in range(first, min(first + batch_size, start + n))]
         results = rollouts(model, tokenizer, [task] * len(examples), examples, 1, 0.0, None, max_tokens, 0,
-                           max_searches, retrieval)
+                           max_searches, retrieval, ensemble=ensemble)
         for example, (_, (s,)) in zip(examples, results):
             for k in keys:
                 if s[k] == s[k]:   # skip NaN (no gold documents)

@@ -26,6 +26,14 @@ parser.add_argument("--block-pattern", default=None, help="refuse a checkpoint w
 parser.add_argument("--task", default=None, help="world1..world4 (held-out knowledge world), arc, mmlu, gsm8k, hotpotqa")
 add_kb_flags(parser)
 parser.add_argument("--no-retrieval", action="store_true", help="ablation: no documents, searches return nothing")
+parser.add_argument("--ensemble", action="store_true",
+                    help="REPLUG / RAG-Token decoding: read each retrieved document on its own and mix the next-token "
+                         "distributions (lambda = softmax(score / --ensemble-temperature)) instead of reading them together")
+parser.add_argument("--ensemble-weights", default="score", choices=["score", "uniform"], help="--ensemble: lambda by retrieval score or uniform")
+parser.add_argument("--ensemble-temperature", type=float, default=0.1,
+                    help="--ensemble: softmax temperature over retrieval scores (0.1 suits dense cosines; BM25 scores need more)")
+parser.add_argument("--random-documents", action="store_true",
+                    help="control: replace each question's retrieved documents with as many random documents of the KB")
 parser.add_argument("--max-searches", type=int, default=4, help="searches allowed per answer")
 parser.add_argument("--num-examples", type=int, default=200, help="examples to evaluate (from the start)")
 parser.add_argument("--eval-examples", type=int, default=None, help=argparse.SUPPRESS)
@@ -40,6 +48,10 @@ if args.qa and not args.kb and not args.no_retrieval:
     die("--qa needs --kb (or --no-retrieval)")
 if args.top_k <= 0 or args.num_examples <= 0:
     die("--top-k and --num-examples must be positive")
+if args.ensemble_temperature <= 0:
+    die(f"--ensemble-temperature must be positive, got {args.ensemble_temperature}")
+if (args.ensemble or args.random_documents) and (args.no_retrieval or args.multihop):
+    die("--ensemble and --random-documents work on retrieved documents: not with --no-retrieval or --multihop")
 args.eval_examples = args.num_examples
 args.stream_examples, args.seed = 1, 0
 
@@ -59,6 +71,9 @@ try:
             task = MultiHopRAGTask(base, kb, args.top_k) if args.multihop else RAGTask(base, kb, args.top_k)
     else:
         task = build_task(args.task, args, "heldout")
+    if args.random_documents:
+        from tasks.rag import RandomDocuments
+        task = RandomDocuments(task)
 except (FileNotFoundError, ValueError, RuntimeError) as e:
     die(str(e))
 if len(task) == 0:
@@ -82,12 +97,17 @@ def categorical_accuracy(task, n):
 
 name = args.qa or args.task
 mode = "no retrieval" if args.no_retrieval else ("multi-hop search" if args.multihop or args.task in ("world3", "world4", "hotpotqa") else "retrieval")
+if args.ensemble:
+    mode = f"ensemble over documents ({args.ensemble_weights} weights)"
+if args.random_documents:
+    mode += ", random documents"
+ensemble = {"weighting": args.ensemble_weights, "temperature": args.ensemble_temperature} if args.ensemble else None
 if task.eval_type == "categorical":
     metrics, records = categorical_accuracy(task, args.num_examples), []
     print0(f"{name}: accuracy {metrics['accuracy']:.3f} over {metrics['n']} questions")
 else:
     metrics, records = evaluate_task(model, tokenizer, task, args.num_examples, args.max_new_tokens,
-                                     retrieval=not args.no_retrieval, max_searches=args.max_searches)
+                                     retrieval=not args.no_retrieval, max_searches=args.max_searches, ensemble=ensemble)
     print0(f"{name} ({mode}): EM {metrics['em']:.3f} | F1 {metrics['f1']:.3f} | gold-doc recall {metrics['gold_recall']:.3f} "
            f"| searches/question {metrics['searches']:.2f} | over {metrics['n']} questions")
     for r in records[:args.show]:

@@ -47,9 +47,10 @@ def example_retriever(example, kind="bm25"):
 
 def doc_dict(result):
     """A search result as it goes into a conversation: the parent document's id (a KB may
-    return chunks), title and text."""
+    return chunks), title and text, and the retriever's score (not rendered: ensemble decoding
+    weighs documents by it)."""
     d = result.document
-    return {"id": d.doc_id, "title": d.title, "text": d.text}
+    return {"id": d.doc_id, "title": d.title, "text": d.text, "score": float(result.score)}
 
 
 class _RetrievingTask(Task):
@@ -154,6 +155,46 @@ class RAGTask(_RetrievingTask):
                 at = 0
             messages.insert(at, {"role": "retrieval", "documents": [doc_dict(r) for r in res]})
         return examples
+
+
+class RandomDocuments(Task):
+    """REPLUG's control: a RAG task whose retrieved documents are replaced by as many documents
+    drawn at random (seeded by the example's index) from its retriever's collection, never one of
+    the example's gold documents. Reading random documents should do no better than reading none."""
+
+    def __init__(self, task, seed=0, **kwargs):
+        super().__init__(**kwargs)
+        if not hasattr(task, "retriever_for"):
+            raise ValueError("--random-documents needs a task with retrieval")
+        self.task, self.seed = task, seed
+
+    @property
+    def eval_type(self):
+        return self.task.eval_type
+
+    def num_examples(self):
+        return len(self.task)
+
+    def get_example(self, index):
+        example = self.task[index]
+        pool = self.task.retriever_for(example).documents
+        gold = set(example.get("hops") or example.get("supporting_ids") or [])
+        rng = random.Random(f"random-docs-{self.seed}-{index}")
+        for m in example["messages"]:
+            if m["role"] == "retrieval":
+                picked = []
+                while len(picked) < len(m["documents"]) and len(picked) < len(pool) - len(gold):
+                    d = rng.choice(pool)
+                    if d.doc_id not in gold and all(p["id"] != d.doc_id for p in picked):
+                        picked.append({"id": d.doc_id, "title": d.title, "text": d.text})
+                m["documents"] = picked
+        return example
+
+    def evaluate(self, conversation, completion):
+        return self.task.evaluate(conversation, completion)
+
+    def reward(self, conversation, completion):
+        return self.task.reward(conversation, completion)
 
 
 class MultiHopRAGTask(_RetrievingTask):

@@ -428,3 +428,60 @@ def test_per_prompt_settings_match_each_prompt_alone(tokenizer):
     assert len(rows[0].tokens) - len(prompts[0]) == 5   # greedy, cut at its own limit while the others went on
     with pytest.raises(ValueError, match="one value for each"):
         engine.generate_batch(prompts, max_tokens=[5, 6])
+
+
+def _greedy_no_tools(model, tokenizer, prompt, n):
+    """Greedy decoding with the tool-start tokens banned too, as ensemble decoding bans them."""
+    ids = list(prompt)
+    banned = [tokenizer.special[t] for t in BANNED + ("<|python_start|>", "<|search_start|>")]
+    for _ in range(n):
+        logits = model(torch.tensor([ids]))[0, -1]
+        logits[banned] = float("-inf")
+        logits[tokenizer.get_vocab_size():] = float("-inf")
+        ids.append(int(logits.argmax()))
+        if ids[-1] in (tokenizer.special["<|assistant_end|>"], tokenizer.bos_token_id):
+            return ids[len(prompt):-1]
+    return ids[len(prompt):]
+
+
+def _ensemble(engine, groups, weights=None, n=20):
+    out = [[] for _ in groups]
+    for step in engine.generate_ensemble(groups, weights, max_tokens=n):
+        for g, toks in enumerate(step):
+            out[g] += toks
+    return out
+
+
+@pytest.mark.parametrize("pattern", ["TT/conv3", "M", "TM"])
+def test_ensemble_decoding_reduces_to_one_document(tokenizer, pattern):
+    """k copies of one document = that document alone; a one-hot lambda = that document's generation;
+    groups decoded together = each alone."""
+    model = tiny_model(tokenizer.get_vocab_size(), pattern)
+    engine = Engine(model, tokenizer)
+    a = tokenizer.encode("The old king was born in the river city. Where", prepend="<|bos|>")
+    b = tokenizer.encode("A dog ran", prepend="<|bos|>")
+    c = tokenizer.encode("The queen wrote in the green city and the cat sat", prepend="<|bos|>")
+    alone = {name: _greedy_no_tools(model, tokenizer, p, 20) for name, p in (("a", a), ("b", b), ("c", c))}
+    assert _ensemble(engine, [[a, a, a]]) == [alone["a"]]
+    assert _ensemble(engine, [[b, c, a]], [[0.0, 0.0, 1.0]]) == [alone["a"]]
+    assert _ensemble(engine, [[a, b], [c], [b, b, b]], [[1.0, 0.0], [1.0], [0.2, 0.3, 0.5]]) == \
+        [alone["a"], alone["c"], alone["b"]]
+
+
+def test_ensemble_mixes_probabilities_not_logits(tokenizer):
+    """First token of a two-document ensemble: argmax of lambda_1 p_1 + lambda_2 p_2, computed by hand."""
+    model = tiny_model(tokenizer.get_vocab_size(), "TT")
+    engine = Engine(model, tokenizer)
+    a = tokenizer.encode("The old king", prepend="<|bos|>")
+    b = tokenizer.encode("A dog ran under the blue house", prepend="<|bos|>")
+    banned = [tokenizer.special[t] for t in BANNED + ("<|python_start|>", "<|search_start|>")]
+    probs = []
+    for p in (a, b):
+        logits = model(torch.tensor([p]))[0, -1].float()
+        logits[banned] = float("-inf")
+        logits[tokenizer.get_vocab_size():] = float("-inf")
+        probs.append(torch.softmax(logits, -1))
+    for lam in (0.3, 0.7):
+        expected = int((lam * probs[0] + (1 - lam) * probs[1]).argmax())
+        first = next(iter(engine.generate_ensemble([[a, b]], [[lam, 1 - lam]], max_tokens=1)))
+        assert first[0] == ([] if expected in engine.stop_tokens else [expected])
