@@ -115,3 +115,44 @@ def qa_reward(completion, answers, metric="em", format_weight=0.1):
     answer = answer_text(completion)
     score = exact_match(answer, answers) if metric == "em" else f1_score(answer, answers)
     return score + format_weight * format_score(completion)
+
+
+# -----------------------------------------------------------------------------
+# RAG evaluation beyond EM: text overlap, where the gold documents were shown, and why answers fail
+
+def overlap_metrics(predictions, references):
+    """Corpus BLEU-4 (sacrebleu, its default 13a tokenisation; 0-100) and mean ROUGE-L F1 (Google's
+    rouge-score, stemmed; 0-1, best over each question's references) of answers against the
+    reference lists. Well-kept libraries, so the numbers compare with published ones."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+    width = max(len(r) for r in references)
+    ref_streams = [[r[k] if k < len(r) else r[0] for r in references] for k in range(width)]
+    bleu = sacrebleu.corpus_bleu(predictions, ref_streams).score
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rouge = [max(scorer.score(ref, pred)["rougeL"].fmeasure for ref in refs) for pred, refs in zip(predictions, references)]
+    return {"bleu4": bleu, "rouge_l": sum(rouge) / len(rouge)}
+
+
+def shown_rank_metrics(shown, gold, k):
+    """Hit@1, Hit@k and MRR of the first gold document among the documents shown to the model,
+    in the order they were shown (retrieval order for RAG, search order for multi-hop)."""
+    ranks = []
+    for ids, g in zip(shown, gold):
+        first = next((i for i, d in enumerate(ids, 1) if d in set(g)), None)
+        ranks.append(first)
+    n = max(1, len(ranks))
+    return {"hit@1": sum(r == 1 for r in ranks) / n, f"hit@{k}": sum(r is not None and r <= k for r in ranks) / n,
+            "mrr": sum(1.0 / r for r in ranks if r) / n}
+
+
+def error_class(answer, correct, shown_ids, gold_ids):
+    """Why an answer is wrong: 'no answer' (nothing written), 'retrieval miss' (no gold document was
+    shown), 'reading miss' (a gold document was shown and the answer is still wrong); None if correct."""
+    if correct:
+        return None
+    if not answer.strip():
+        return "no answer"
+    if gold_ids and not set(gold_ids) & set(shown_ids):
+        return "retrieval miss"
+    return "reading miss"

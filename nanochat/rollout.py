@@ -105,6 +105,7 @@ def rollouts(model, tokenizer, tasks, examples, num_samples=1, temperature=0.0, 
                 "gold_recall": gold_recall(shown, gold) if gold else float("nan"),
                 "length": sum(row.mask[len(prompt):]),
                 "answer": answer,
+                "shown": shown,
             })
         results.append((prompt, samples))
     return results
@@ -140,7 +141,8 @@ def evaluate_task(model, tokenizer, task, num_examples, max_tokens=64, retrieval
                     totals[k] += s[k]
                     counted[k] += 1
             records.append({"question": next(m["content"] for m in reversed(example["messages"]) if m["role"] == "user"),
-                            "answers": example.get("answers"), "answer": s["answer"], "parts": s["row"].parts, "em": s["em"]})
+                            "answers": example.get("answers"), "answer": s["answer"], "parts": s["row"].parts, "em": s["em"],
+                            "shown": s["shown"], "gold": gold_ids(example), "type": example.get("type")})
     if was_training:
         model.train()
     metrics = {k: totals[k] / counted[k] if counted[k] else float("nan") for k in keys}

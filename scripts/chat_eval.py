@@ -110,6 +110,25 @@ else:
                                      retrieval=not args.no_retrieval, max_searches=args.max_searches, ensemble=ensemble)
     print0(f"{name} ({mode}): EM {metrics['em']:.3f} | F1 {metrics['f1']:.3f} | gold-doc recall {metrics['gold_recall']:.3f} "
            f"| searches/question {metrics['searches']:.2f} | over {metrics['n']} questions")
+    if records and all(r["answers"] for r in records):
+        from nanochat.rag import overlap_metrics, shown_rank_metrics, error_class
+        metrics.update(overlap_metrics([r["answer"] for r in records], [r["answers"] for r in records]))
+        line = f"  BLEU-4 {metrics['bleu4']:.1f} | ROUGE-L {metrics['rouge_l']:.3f}"
+        if any(r["gold"] for r in records) and not args.no_retrieval:
+            labelled = [r for r in records if r["gold"]]
+            metrics.update(shown_rank_metrics([r["shown"] for r in labelled], [r["gold"] for r in labelled], args.top_k))
+            line += f" | shown documents: Hit@1 {metrics['hit@1']:.3f} Hit@{args.top_k} {metrics[f'hit@{args.top_k}']:.3f} MRR {metrics['mrr']:.3f}"
+        print0(line)
+        # every wrong answer, classed: why did it fail, by question type?
+        errors = {}
+        for r in records:
+            r["error"] = error_class(r["answer"], r["em"] == 1, r["shown"], r["gold"])
+            if r["error"]:
+                by_type = errors.setdefault(r["type"] or "all", {})
+                by_type[r["error"]] = by_type.get(r["error"], 0) + 1
+        metrics["errors"] = errors
+        for kind, counts in sorted(errors.items()):
+            print0(f"  wrong answers ({kind}): " + ", ".join(f"{c} {name}" for name, c in sorted(counts.items())))
     for r in records[:args.show]:
         searches = [p["text"] for p in r["parts"] if p["type"] == "search"]
         print0(f"  Q: {r['question']}\n     searches: {searches}\n     answer: {r['answer']!r} | gold: {r['answers']} | EM {r['em']:.0f}")

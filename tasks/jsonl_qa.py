@@ -108,6 +108,8 @@ class JsonlQA(Task):
             example["hops"] = row["hops"]
         if row.get("queries"):
             example["queries"] = row["queries"]
+        if isinstance(row.get("type"), str):
+            example["type"] = row["type"]   # reports break results down by it
         return example
 
     def evaluate(self, conversation, completion):

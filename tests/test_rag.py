@@ -331,3 +331,24 @@ def test_examples_are_copies_and_the_engine_can_search_an_examples_own_kb():
     ex = task[0]
     r = example_retriever(ex, "bm25")
     assert r.search(ex["queries"][0], 1)[0].document.doc_id == ex["hops"][0]
+
+
+def test_overlap_metrics_match_the_libraries_and_error_classes():
+    import sacrebleu
+    from rouge_score import rouge_scorer
+    from nanochat.rag import overlap_metrics, shown_rank_metrics, error_class
+    preds = ["the old king was born in the river city", "Paris", "a cat sat on a red mat today"]
+    refs = [["the old king was born in the river city of Tor"], ["Paris", "Paris, France"], ["the cat sat on the red mat"]]
+    got = overlap_metrics(preds, refs)
+    expected_bleu = sacrebleu.corpus_bleu(preds, [[r[0] for r in refs], [r[-1] for r in refs]]).score
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    expected_rouge = sum(max(scorer.score(r, p)["rougeL"].fmeasure for r in rs) for p, rs in zip(preds, refs)) / 3
+    assert abs(got["bleu4"] - expected_bleu) < 1e-9 and 0 < got["bleu4"] < 100
+    assert abs(got["rouge_l"] - expected_rouge) < 1e-9
+    assert overlap_metrics(["same words here"], [["same words here"]]) == {"bleu4": 100.0, "rouge_l": 1.0}
+    m = shown_rank_metrics([["a", "b", "c"], ["x", "g"], ["y", "z"]], [["a"], ["g", "h"], ["q"]], 3)
+    assert m == {"hit@1": 1 / 3, "hit@3": 2 / 3, "mrr": (1 + 0.5) / 3}
+    assert error_class("Paris", True, [], ["d"]) is None
+    assert error_class("  ", False, ["d"], ["d"]) == "no answer"
+    assert error_class("Rome", False, ["x"], ["d"]) == "retrieval miss"
+    assert error_class("Rome", False, ["x", "d"], ["d"]) == "reading miss"
