@@ -8,13 +8,16 @@ a retrieval mode, runs the Engine, and reports what happened as a stream of even
   {"type": "done", "answer": text, "parts": [...], "documents": [...], "citations": [n, ...]}
 
 Retrieval modes: "always" retrieves for every user turn and puts the documents before it (RAG);
-"auto" lets the model write its own searches (the Engine's search tool); "off" uses no KB.
+"ensemble" retrieves the same documents but reads each one on its own and mixes the next-token
+distributions, weighted by retrieval score (REPLUG); "auto" lets the model write its own searches
+(the Engine's search tool); "off" uses no KB.
 """
 import re
 
 from nanochat.engine import Engine
+from nanochat.rollout import ensemble_prompts, ensemble_weights
 
-RETRIEVAL_MODES = ("auto", "always", "off")
+RETRIEVAL_MODES = ("auto", "always", "ensemble", "off")
 CITATION = re.compile(r"\[(\d{1,3})\]")
 
 
@@ -22,7 +25,7 @@ def build_conversation(messages, mode, retriever, top_k):
     """messages: [{"role": "user"|"assistant", "content": str}, ...] ending with a user turn.
     Returns (conversation, shown_documents) where shown documents come first in the prompt."""
     conversation = {"messages": [dict(m) for m in messages]}
-    if mode != "always" or retriever is None:
+    if mode not in ("always", "ensemble") or retriever is None:
         return conversation, []
     query = messages[-1]["content"]
     documents = [hit.document.to_dict() for hit in retriever.search(query, top_k)]
@@ -49,20 +52,30 @@ def respond_batch(model, tokenizer, requests, retriever=None, max_searches=4, st
     for r in requests:
         if r["mode"] not in RETRIEVAL_MODES:
             raise ValueError(f"retrieval mode must be one of {', '.join(RETRIEVAL_MODES)}, got {r['mode']!r}")
-    streams, prompts = [], []
+    streams, prompts, ensembles = [], [], {}
     for i, r in enumerate(requests):
         conversation, shown = build_conversation(r["messages"], r["mode"], retriever, r["top_k"])
         streams.append(_EventStream(tokenizer, shown))
         if shown:
             yield i, {"type": "documents", "query": r["messages"][-1]["content"], "documents": list(streams[i].documents)}
-        prompts.append(fit_prompt(tokenizer, conversation, model.config.sequence_len - r["max_tokens"]))
+        budget = model.config.sequence_len - r["max_tokens"]
+        if r["mode"] == "ensemble" and shown:
+            conversation["messages"] = fit_conversation(tokenizer, conversation, budget)
+            ensembles[i] = ensemble_prompts(tokenizer, conversation, budget)
+        else:
+            prompts.append((i, fit_prompt(tokenizer, conversation, budget)))
+    if ensembles:
+        yield from _respond_ensemble(model, tokenizer, requests, ensembles, streams, stopped)
+    if not prompts:
+        return
     engine = Engine(model, tokenizer, max_searches=max_searches)
-    each = lambda key: [r[key] for r in requests]   # one setting, per request
+    each = lambda key: [requests[i][key] for i, _ in prompts]   # one setting, per request
     rows = None
-    for _, _, rows in engine.generate(prompts, 1, max_tokens=each("max_tokens"), temperature=each("temperature"),
-                                      top_k=each("top_k_sampling"), seed=each("seed"), top_ks=each("top_k"),
-                                      retrievers=[retriever if r["mode"] == "auto" else None for r in requests]):
-        for i, row in enumerate(rows):
+    for _, _, rows in engine.generate([p for _, p in prompts], 1, max_tokens=each("max_tokens"),
+                                      temperature=each("temperature"), top_k=each("top_k_sampling"), seed=each("seed"),
+                                      top_ks=each("top_k"), retrievers=[retriever if requests[i]["mode"] == "auto" else None
+                                                                        for i, _ in prompts]):
+        for (i, _), row in zip(prompts, rows):
             if streams[i].closed:
                 continue
             if stopped(i):
@@ -73,9 +86,36 @@ def respond_batch(model, tokenizer, requests, retriever=None, max_searches=4, st
             if row.completed:   # done now: its answer need not wait for the rest of the batch
                 for event in streams[i].finish(row.parts):
                     yield i, event
-    for i, stream in enumerate(streams):
-        if not stream.closed:
-            for event in stream.finish(rows[i].parts if rows is not None else []):
+    for k, (i, _) in enumerate(prompts):
+        if not streams[i].closed:
+            for event in streams[i].finish(rows[k].parts if rows is not None else []):
+                yield i, event
+
+
+def _respond_ensemble(model, tokenizer, requests, ensembles, streams, stopped):
+    """The ensemble-mode requests, decoded together (Engine.generate_ensemble, greedy: the mixture is
+    the point; sampling settings do not apply)."""
+    order = list(ensembles)
+    groups = [ensembles[i][0] for i in order]
+    weights = [ensemble_weights(ensembles[i][1]) for i in order]
+    engine = Engine(model, tokenizer)
+    tokens = {i: [] for i in order}
+    for step in engine.generate_ensemble(groups, weights, max_tokens=max(requests[i]["max_tokens"] for i in order)):
+        for i, new in zip(order, step):
+            if streams[i].closed or len(tokens[i]) >= requests[i]["max_tokens"]:
+                continue
+            if stopped(i):
+                streams[i].closed = True
+                continue
+            tokens[i] += new
+            text = tokenizer.decode_text(tokens[i])
+            if not text.endswith("\ufffd") and len(text) > len(streams[i].emitted):
+                yield i, {"type": "token", "text": text[len(streams[i].emitted):]}
+                streams[i].emitted = text
+    for i in order:
+        if not streams[i].closed:
+            text = tokenizer.decode_text(tokens[i])
+            for event in streams[i].finish([{"type": "text", "text": text}] if text else []):
                 yield i, event
 
 
@@ -114,21 +154,26 @@ class _EventStream:
         yield {"type": "done", "answer": answer, "parts": parts, "documents": self.documents, "citations": cited}
 
 
-def fit_prompt(tokenizer, conversation, budget):
-    """The prompt for the next answer within `budget` tokens: the oldest turns go first, so the
-    latest question always stays (documents before it shrink before it is ever cut)."""
+def fit_conversation(tokenizer, conversation, budget):
+    """The messages that fit `budget` tokens: the oldest turns go first, so the latest question
+    always stays (documents before it shrink before it is ever cut, see fit_prompt)."""
     messages = conversation["messages"]
     while True:
-        prompt = tokenizer.render_for_completion({"messages": messages}, max_tokens=10 ** 9)
         first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
         later_users = [i for i, m in enumerate(messages) if m["role"] == "user" and i > first_user]
-        if len(prompt) <= budget or not later_users:
-            return tokenizer.render_for_completion({"messages": messages}, max_tokens=budget)
+        if len(tokenizer.render_for_completion({"messages": messages}, max_tokens=10 ** 9)) <= budget or not later_users:
+            return messages
         # drop everything before the second user turn (and its retrieval message, if any)
         cut = later_users[0]
         if messages[cut - 1]["role"] == "retrieval":
             cut -= 1
         messages = messages[cut:]
+
+
+def fit_prompt(tokenizer, conversation, budget):
+    """The prompt for the next answer within `budget` tokens (fit_conversation, then the documents
+    of what is left are cut to fit)."""
+    return tokenizer.render_for_completion({"messages": fit_conversation(tokenizer, conversation, budget)}, max_tokens=budget)
 
 
 def _answer_text(parts):

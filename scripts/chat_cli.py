@@ -29,7 +29,8 @@ parser.add_argument("--retriever", default="bm25", help="simple | bm25 | dense |
 parser.add_argument("--query-encoder", default="tuned", choices=["tuned", "base"], help="dense/hybrid: tuned = the KB's trained query encoder when it has one (scripts.retriever_train), base = the embedding model")
 parser.add_argument("--top-k", type=int, default=3, help="documents per search")
 parser.add_argument("--retrieval", default="auto", choices=RETRIEVAL_MODES,
-                    help="auto: the model searches when it wants; always: retrieve for every question; off: no KB")
+                    help="auto: the model searches when it wants; always: retrieve for every question; ensemble: the same "
+                         "documents, each read on its own and the predictions mixed by retrieval score (REPLUG); off: no KB")
 parser.add_argument("-p", "--prompt", default=None, help="ask one question, print the answer and its sources, exit")
 parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
 parser.add_argument("--top-k-sampling", type=int, default=50, help="sample among the k most likely tokens")
@@ -44,8 +45,8 @@ if args.max_tokens is not None and args.max_tokens <= 0:
     die(f"--max-tokens must be positive, got {args.max_tokens}")
 if args.temperature < 0:
     die(f"--temperature must be >= 0, got {args.temperature}")
-if args.retrieval == "always" and args.kb is None:
-    die("--retrieval always needs --kb")
+if args.retrieval in ("always", "ensemble") and args.kb is None:
+    die(f"--retrieval {args.retrieval} needs --kb")
 
 # the KB first: it loads faster than a model, so a wrong path fails fast
 retriever = None

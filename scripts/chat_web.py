@@ -82,8 +82,8 @@ if not 0 <= args.temperature <= MAX_TEMPERATURE:
     die(f"--temperature must be in 0..{MAX_TEMPERATURE}, got {args.temperature}")
 if args.max_tokens is not None and not 1 <= args.max_tokens <= MAX_MAX_TOKENS:
     die(f"--max-tokens must be in 1..{MAX_MAX_TOKENS}, got {args.max_tokens}")
-if args.retrieval == "always" and args.kb is None:
-    die("--retrieval always needs --kb")
+if args.retrieval in ("always", "ensemble") and args.kb is None:
+    die(f"--retrieval {args.retrieval} needs --kb")
 
 # -----------------------------------------------------------------------------
 # Models (one replica per worker) and the knowledge base (one, shared: searches only read it)
@@ -201,8 +201,8 @@ def check_request(body):
     if mode not in RETRIEVAL_MODES:
         raise BadRequest(f"retrieval must be one of {', '.join(RETRIEVAL_MODES)}, got {json.dumps(mode)[:40]}")
     if mode != "off" and retriever is None:
-        if "retrieval" in body and mode == "always":
-            raise BadRequest("retrieval 'always' needs a knowledge base, and this server has none (start it with --kb)")
+        if "retrieval" in body and mode in ("always", "ensemble"):
+            raise BadRequest(f"retrieval '{mode}' needs a knowledge base, and this server has none (start it with --kb)")
         mode = "off"
     d = info["defaults"]
     return {

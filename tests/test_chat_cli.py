@@ -35,6 +35,35 @@ def test_one_shot_prints_answer_and_sources(chat_dirs):
                     "She wrote three books about the blue king."]
 
 
+def test_ensemble_mode_reads_each_document_and_lists_them(chat_dirs, tokenizer):
+    """--retrieval ensemble: the same sources as always; its answer is the greedy mixture decoding
+    of one prompt per document (computed here in-process with Engine.generate_ensemble)."""
+    import torch
+    from nanochat.checkpoint_manager import load_model
+    from nanochat.chat import build_conversation
+    from nanochat.engine import Engine
+    from nanochat.retrieval import RetrievalManager
+    from nanochat.rollout import ensemble_prompts, ensemble_weights
+    q = "Was the blue king born in Osk?"   # two documents match
+    ens = cli(chat_dirs, "--retrieval", "ensemble", "--top-k", "2", "--max-tokens", "12", "-p", q)
+    always = cli(chat_dirs, "--retrieval", "always", "--top-k", "2", "--max-tokens", "12", "-p", q)
+    assert ens.returncode == 0, ens.stderr
+    assert ens.stdout.split("Sources:")[1] == always.stdout.split("Sources:")[1]
+    base, kb = chat_dirs
+    os.environ["NANOCHAT_BASE_DIR"] = base
+    try:
+        model, tok, _ = load_model("sft", torch.device("cpu"))
+    finally:
+        del os.environ["NANOCHAT_BASE_DIR"]
+    conversation, docs = build_conversation([{"role": "user", "content": q}], "ensemble", RetrievalManager(kb), 2)
+    prompts, docs = ensemble_prompts(tok, conversation, model.config.sequence_len - 12)
+    assert len(prompts) == 2
+    tokens = []
+    for step in Engine(model, tok).generate_ensemble([prompts], [ensemble_weights(docs)], max_tokens=12):
+        tokens += step[0]
+    assert ens.stdout.split("\nSources:")[0].strip() == tok.decode_text(tokens).strip()
+
+
 def test_retrieval_off_shows_no_sources(chat_dirs):
     p = cli(chat_dirs, "--retrieval", "off", "--max-tokens", "12", "-p", "Where was Kela Varo born?")
     assert p.returncode == 0, p.stderr

@@ -168,7 +168,7 @@ BAD_REQUESTS = [
     (ask("hi", temperature=3), 400, "temperature must be between 0.0 and 2.0"),
     (ask("hi", temperature="hot"), 400, "temperature must be a number"),
     (ask("hi", top_k_sampling=1.5), 400, "top_k_sampling must be an integer"),
-    (ask("hi", retrieval="sometimes"), 400, "retrieval must be one of auto, always, off"),
+    (ask("hi", retrieval="sometimes"), 400, "retrieval must be one of auto, always, ensemble, off"),
     (ask("   "), 400, "the last message is empty"),
 ]
 
