@@ -80,7 +80,7 @@ if [ "$MODE" = cpu ]; then
     SFT_ITERS=1200  SFT_BATCH=8  SFT_EVAL_EVERY=200  SFT_EVAL_EXAMPLES=40  SFT_ADVANCE_EM=0.9
     RL_CURRICULUM=world3:0.7+read1:0.3  RL_ADVANTAGE=grpo  RL_LR_FRAC=0.3
     RL_ITERS=200  RL_PROMPTS=8  RL_SAMPLES=8  RL_MAX_NEW_TOKENS=48  RL_EVAL_EVERY=50  RL_EVAL_EXAMPLES=60
-    EVAL_EXAMPLES=100  EVAL_MAX_NEW_TOKENS=64  TRANSFER_QUESTIONS=100
+    EVAL_EXAMPLES=100  EVAL_MAX_NEW_TOKENS=64  TRANSFER_QUESTIONS=100  RETRIEVER_STEPS=150
     NPROC="${NPROC:-1}"
 elif [ "$MODE" = smoke ]; then
     # toy sizes: checks that every stage runs and the report builds, in a couple of minutes
@@ -91,7 +91,7 @@ elif [ "$MODE" = smoke ]; then
     SFT_ITERS=10  SFT_BATCH=4  SFT_EVAL_EVERY=5  SFT_EVAL_EXAMPLES=4  SFT_ADVANCE_EM=0.9
     RL_CURRICULUM=world3:0.7+read1:0.3  RL_ADVANTAGE=grpo  RL_LR_FRAC=0.3
     RL_ITERS=3  RL_PROMPTS=2  RL_SAMPLES=2  RL_MAX_NEW_TOKENS=16  RL_EVAL_EVERY=2  RL_EVAL_EXAMPLES=4
-    EVAL_EXAMPLES=4  EVAL_MAX_NEW_TOKENS=16  TRANSFER_QUESTIONS=4
+    EVAL_EXAMPLES=4  EVAL_MAX_NEW_TOKENS=16  TRANSFER_QUESTIONS=4  RETRIEVER_STEPS=2
     NPROC="${NPROC:-1}"
 elif [ "$MODE" = gpu ]; then
     # nanochat d20 class (~560M parameters, Chinchilla-style 20 tokens per parameter = ~11B
@@ -104,7 +104,7 @@ elif [ "$MODE" = gpu ]; then
     SFT_ITERS=2000  SFT_BATCH=16  SFT_EVAL_EVERY=200  SFT_EVAL_EXAMPLES=200  SFT_ADVANCE_EM=0.9
     RL_CURRICULUM=world2,world3,world4  RL_ADVANTAGE=grpo  RL_LR_FRAC=0.1
     RL_ITERS=300  RL_PROMPTS=16  RL_SAMPLES=16  RL_MAX_NEW_TOKENS=128  RL_EVAL_EVERY=50  RL_EVAL_EXAMPLES=200
-    EVAL_EXAMPLES=500  EVAL_MAX_NEW_TOKENS=128  TRANSFER_QUESTIONS=500
+    EVAL_EXAMPLES=500  EVAL_MAX_NEW_TOKENS=128  TRANSFER_QUESTIONS=500  RETRIEVER_STEPS=300
     NPROC="${NPROC:-$NUM_GPUS}"
     if [ "$NPROC" -lt 1 ]; then echo "error: --gpu, but nvidia-smi lists no GPU" >&2; exit 1; fi
 else
@@ -277,6 +277,26 @@ transfer() {
     done
 }
 
+# The retriever learns from the model (REPLUG-LSR): the held-out world's articles as a dense KB,
+# questions that describe an entity by its facts instead of naming it (base MiniLM finds ~half),
+# the SFT model as the teacher, no document labels. Then the RL model answers the held-out
+# descriptive questions with BM25, base MiniLM and the trained query encoder.
+retriever() {
+    local dir="$RUN_DIR/retriever" how
+    mkdir -p "$dir"
+    "$PY" -m kb_tools.build_kb --input "$RUN_DIR/kb/world/heldout_kb.jsonl" --out "$dir/kb" --retrievers bm25,dense --no-progress
+    "$PY" -m scripts.retriever_train --kb "$dir/kb" --qa "$RUN_DIR/kb/world/heldout_qa_descriptive.jsonl" --objective lsr \
+        --source sft --model-tag "$TAG" --steps "$RETRIEVER_STEPS" --heldout-out "$dir/heldout_qa.jsonl"
+    "$PY" -m kb_tools.eval_retrieval --kb "$dir/kb" --queries "$dir/heldout_qa.jsonl" --retriever bm25 --json \
+        | tee "$dir/retrieval_bm25.json"
+    for how in "bm25 tuned" "dense base" "dense tuned"; do
+        set -- $how
+        "$PY" -m scripts.chat_eval --source rl --model-tag "$TAG" --block-pattern "$BLOCK_PATTERN" --qa "$dir/heldout_qa.jsonl" \
+            --kb "$dir/kb" --retriever "$1" --query-encoder "$2" --num-examples "$EVAL_EXAMPLES" --max-new-tokens 16 \
+            --show 0 --json-out "$dir/em_${1}_$2.json"
+    done
+}
+
 # =================================================================================================
 # The pipeline
 # =================================================================================================
@@ -306,6 +326,10 @@ stage eval eval \
     evaluate --num-examples "$EVAL_EXAMPLES" --max-new-tokens "$EVAL_MAX_NEW_TOKENS"
 stage transfer transfer \
     transfer "$TRANSFER_QUESTIONS"
+if [ "$RETRIEVER_STEPS" -gt 0 ]; then
+    stage retriever retriever \
+        retriever
+fi
 stage report report \
     "$PY" -m scripts.report --run-dir "$RUN_DIR" --model-tag "$TAG" --mode "$MODE" --nproc "$NPROC"
 

@@ -3,7 +3,8 @@ Evaluate a retriever on a knowledge base with labelled queries.
 
     python -m kb_tools.eval_retrieval --kb kb/wiki --queries queries.jsonl --retriever hybrid
 
-queries.jsonl lines are {"query": "...", "relevant": ["doc id", ...]}. Reports Recall@1/5/10/100,
+queries.jsonl lines are {"query": "...", "relevant": ["doc id", ...]} (a QA file's {"question",
+"supporting_ids"} lines work too). Reports Recall@1/5/10/100,
 MRR@10 and nDCG@10 at the document level (any chunk of a relevant document is a hit, each document
 counted once) and queries/s of the retrieval calls.
 """

@@ -39,7 +39,7 @@ if not os.path.isdir(run_dir):
     sys.exit(f"error: no run directory {run_dir}")
 plot_dir = os.path.join(run_dir, "report")
 os.makedirs(plot_dir, exist_ok=True)
-STAGES = ["data", "tokenizer", "base", "sft", "rl", "kb", "eval", "transfer", "report"]
+STAGES = ["data", "tokenizer", "base", "sft", "rl", "kb", "eval", "transfer", "retriever", "report"]
 
 
 # -----------------------------------------------------------------------------
@@ -413,6 +413,32 @@ if transfer:
             f"{pct(without_r['metrics']['em'] if without_r else None)} | {m['n']} |")
 else:
     out("No transfer results yet (`transfer/*.json`).")
+out("")
+
+out("## The retriever learns from the model")
+out("")
+kb_manifest = read_json("retriever", "kb", "manifest.json") or {}
+encoder = kb_manifest.get("query_encoder")
+if encoder:
+    base_m, tuned_m = encoder["heldout_metrics"]["base"], encoder["heldout_metrics"]["tuned"]
+    out(f"REPLUG-LSR (`scripts/retriever_train.py --objective lsr`): the SFT model scored the candidate articles of "
+        f"{encoder['data']['train_questions']} descriptive questions (an entity described by its facts, never named) "
+        f"and MiniLM's query encoder learned from those scores, without document labels; best step "
+        f"{encoder['best_step']} of {encoder['steps']}. Held-out questions are about other articles "
+        f"({encoder['data']['heldout_questions']}); the RL model answers them from the top 3:")
+    out("")
+    out("| retriever | Recall@1 | Recall@5 | MRR@10 | EM (RL model) |")
+    out("|---|---|---|---|---|")
+    rows = [("BM25", read_json("retriever", "retrieval_bm25.json"), read_json("retriever", "em_bm25_tuned.json")),
+            ("MiniLM, base query encoder", base_m, read_json("retriever", "em_dense_base.json")),
+            ("MiniLM, LSR-trained query encoder", tuned_m, read_json("retriever", "em_dense_tuned.json"))]
+    for name, m, em in rows:
+        r = (lambda key: pct(m[key]) if m else "")
+        out(f"| {name} | {r('recall@1')} | {r('recall@5')} | {r('mrr@10')} | {pct(em['metrics']['em']) if em else '?'} |")
+elif os.path.isdir(os.path.join(run_dir, "retriever")):
+    out("The retriever stage kept the base encoder: no training step beat it on held-out MRR@10 (see `logs/retriever.log`).")
+else:
+    out("No retriever stage in this run (`retriever/`).")
 out("")
 
 out("## Sample conversations")

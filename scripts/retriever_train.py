@@ -71,6 +71,8 @@ parser.add_argument("--step", type=int, default=None, help="lsr: teacher checkpo
 parser.add_argument("--score-batch-size", type=int, default=32, help="lsr: (document, question) rows per teacher forward")
 # output
 parser.add_argument("--no-save", action="store_true", help="measure only: leave the KB as it is")
+parser.add_argument("--heldout-out", default=None, metavar="FILE.jsonl",
+                    help="also write the held-out questions here (to evaluate a reader on them with chat_eval --qa)")
 parser.add_argument("--device-type", default="", help="cuda | mps | cpu (default: autodetect)")
 args = parser.parse_args()
 for flag in ("steps", "batch_size", "eval_every", "candidates", "pool", "score_batch_size"):
@@ -123,6 +125,9 @@ if not rows or not heldout_rows:
     die(f"{args.qa}: {len(rows)} training and {len(heldout_rows)} labelled held-out questions; both must be non-empty "
         f"(held-out questions need supporting_ids to be scored)")
 print0(f"{args.objective} on {args.kb}: {len(chunks):,} chunks, {len(rows):,} training / {len(heldout_rows):,} held-out questions")
+if args.heldout_out:
+    with open(args.heldout_out, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({key: v for key, v in r.items() if key != "line"}) + "\n" for r in heldout_rows)
 
 _, _, _, _, device = compute_init(args.device_type)
 base_model = kb.kb.manifest["dense"]["model"]

@@ -85,7 +85,7 @@ def test_speedrun_smoke_kill_resume_and_report(tmp_path):
     assert proc.returncode == 0, second[-4000:]
     assert "== tokenizer: done before" in second and "== base: done before" in second, second[:3000]
     assert "== sft: launch -m scripts.chat_sft --model-tag d2_TM --block-pattern TM" in second
-    for stage in ("tokenizer", "base", "sft", "rl", "kb", "eval", "report"):
+    for stage in ("tokenizer", "base", "sft", "rl", "kb", "eval", "transfer", "retriever", "report"):
         assert (logs / f"{stage}.done").exists(), stage
     assert (run_dir / "chatrl_checkpoints" / "d2_TM").is_dir()
 
@@ -103,6 +103,8 @@ def test_speedrun_smoke_kill_resume_and_report(tmp_path):
     assert re.search(r"\| single-hop questions \| \d+ \| 1\.000 \|", report), "BM25 should find every single-hop article"
     assert report.count("```text") == 3 and report.count("\nanswer: ") == 3
     assert "| base |" in report and "| **total** |" in report
+    retriever = report.split("## The retriever learns from the model")[1].split("##")[0]
+    assert "| MiniLM, base query encoder |" in retriever or "kept the base encoder" in retriever, retriever
 
     # the printed one-shot chat command works as printed
     chat = next(l.strip() for l in second.splitlines() if "scripts.chat_cli" in l and " -p " in l)

@@ -13,7 +13,8 @@ DEPTH = 100  # results fetched per query: enough for Recall@100
 
 
 def read_queries(path):
-    """[{"query": str, "relevant": [doc ids]}, ...] from a JSONL file; errors name file:line."""
+    """[{"query": str, "relevant": [doc ids]}, ...] from a JSONL file; errors name file:line. A QA file's
+    lines ({"question", "supporting_ids", ...}, tasks/jsonl_qa.py) are read as queries too."""
     queries = []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
@@ -27,6 +28,8 @@ def read_queries(path):
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if isinstance(obj, dict) and "query" not in obj and "question" in obj:
+                obj = {"query": obj["question"], "relevant": obj.get("supporting_ids")}
             if not isinstance(obj, dict) or not isinstance(obj.get("query"), str) or not obj["query"].strip():
                 raise ValueError(f"{path}:{lineno}: expected {{\"query\": non-empty string, \"relevant\": [doc ids]}}")
             rel = obj.get("relevant")
