@@ -36,6 +36,11 @@ def _atomic_torch_save(obj, path):
 
 def save_checkpoint(ckpt_dir, step, model_state, optim_state, meta, rank=0):
     os.makedirs(ckpt_dir, exist_ok=True)
+    if "tokenizer" not in meta:
+        try:   # which vocabulary the ids mean (checked by load_model)
+            meta = dict(meta, tokenizer=get_tokenizer().fingerprint())
+        except FileNotFoundError:
+            pass
     if optim_state is not None:
         _atomic_torch_save(optim_state, os.path.join(ckpt_dir, f"optim_{step:06d}_rank{rank}.pt"))
     if rank == 0:
@@ -118,6 +123,10 @@ def load_model(source, device, phase="eval", model_tag=None, step=None, expect_b
     if phase == "train":
         model.train()
     tokenizer = get_tokenizer()
+    if meta.get("tokenizer") and meta["tokenizer"] != tokenizer.fingerprint():
+        raise ValueError(f"checkpoint {ckpt_dir} step {step} was trained with tokenizer {meta['tokenizer']}, but "
+                         f"{os.path.join(get_base_dir(), 'tokenizer')} is {tokenizer.fingerprint()}: was the tokenizer "
+                         f"retrained after this checkpoint, or is NANOCHAT_BASE_DIR another run's?")
     if tokenizer.get_vocab_size() > model.config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.get_vocab_size()} tokens but the model only {model.config.vocab_size}: "
                          "was the tokenizer retrained after this checkpoint?")

@@ -18,6 +18,7 @@ import re
 import copy
 import json
 import base64
+import hashlib
 
 import tiktoken
 
@@ -90,6 +91,15 @@ class Tokenizer:
         except (ValueError, json.JSONDecodeError) as e:
             raise ValueError(f"corrupt tokenizer files in {directory}: {e}") from None
         return cls(_make_encoding(meta["pattern"], ranks))
+
+    def fingerprint(self):
+        """16 hex digits identifying the vocabulary (split pattern, merges, special tokens): checkpoints
+        record it, so a model is never run with a tokenizer retrained since."""
+        h = hashlib.sha256(self.enc._pat_str.encode())
+        for tok, rank in sorted(self.enc._mergeable_ranks.items(), key=lambda kv: kv[1]):
+            h.update(rank.to_bytes(4, "little") + tok)
+        h.update(json.dumps(self.special, sort_keys=True).encode())
+        return h.hexdigest()[:16]
 
     # ---- basic encode / decode --------------------------------------------------------------
     def get_vocab_size(self):

@@ -169,7 +169,8 @@ def test_retriever_train_cli(world_kb, tmp_path, trained_base):
     assert open(os.path.join(kb, "dense", "embeddings.npy"), "rb").read() == emb
 
 
-def test_retriever_train_bad_input(world_kb, tmp_path, trained_base):
+def test_retriever_train_bad_input(world_kb, tmp_path, trained_base, tokenizer):
+    import shutil
     from nanochat.retrieval.kb import build_kb
     qa = tmp_path / "qa.jsonl"
     rows = [json.loads(line) for line in open(world_kb / "qa.jsonl")][:5]
@@ -184,6 +185,14 @@ def test_retriever_train_bad_input(world_kb, tmp_path, trained_base):
              (["--kb", kb, "--qa", str(empty)], "no questions"),
              (["--kb", str(lexical_kb), "--qa", str(world_kb / "qa.jsonl")], "retriever 'dense' was not built"),
              (["--kb", kb, "--qa", str(world_kb / "qa.jsonl"), "--objective", "emdr"], "invalid choice: 'emdr'")]
+    # a run directory whose tokenizer was retrained after the checkpoint
+    other_base = tmp_path / "other_base"
+    shutil.copytree(trained_base, other_base)
+    shutil.rmtree(other_base / "tokenizer")
+    tokenizer.save(str(other_base / "tokenizer"))
+    lsr = ["--kb", kb, "--qa", str(world_kb / "qa.jsonl"), "--objective", "lsr", "--source", "base", "--model-tag", "tiny"]
+    proc = run_module("scripts.retriever_train", *lsr, base_dir=other_base)
+    assert proc.returncode == 2 and "was trained with tokenizer" in proc.stderr, proc.stderr[-2000:]
     for args, message in cases:
         proc = run_module("scripts.retriever_train", *args, base_dir=trained_base)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr[-2000:])

@@ -175,3 +175,12 @@ def test_long_chat_keeps_the_latest_question(tokenizer):
     assert len(prompt) <= 64
     assert text.startswith("<|bos|>") and text.endswith("Where was the king born?<|user_end|><|assistant_start|>")
     assert "old question 0" not in text
+
+
+def test_fingerprint_survives_save_and_load_and_tells_vocabularies_apart(tokenizer, tmp_path):
+    from nanochat.tokenizer import Tokenizer
+    tokenizer.save(str(tmp_path / "tok"))
+    again = Tokenizer.from_directory(str(tmp_path / "tok"))
+    assert again.fingerprint() == tokenizer.fingerprint() and len(tokenizer.fingerprint()) == 16
+    other = Tokenizer.train_from_iterator(iter(["a completely different corpus of words " * 50]), 300)
+    assert other.fingerprint() != tokenizer.fingerprint()
