@@ -24,7 +24,7 @@ usage() {
     sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"   # the comment block at the top of this file
     echo
     echo "flags: --smoke | --gpu | --cpu | --fresh | --block-pattern P | --run-dir DIR | -h"
-    echo "env:   BLOCK_PATTERN, RUN_DIR, NPROC (processes per training stage), NANOCHAT_BASE_DIR (download cache),"
+    echo "env:   BLOCK_PATTERN, RUN_DIR, NPROC (processes per training stage), SEED (fine-tuning streams), NANOCHAT_BASE_DIR (download cache),"
     echo "       BASE_ITERS, SFT_ITERS, RL_ITERS (override the mode's step counts, e.g. a longer SFT for a Mamba pattern)"
 }
 
@@ -145,6 +145,7 @@ touch "$RUN_DIR/.speedrun"
 RUN_DIR="$(cd "$RUN_DIR" && pwd)"
 SHOW_DIR="${RUN_DIR#"$PWD"/}"   # as typed from the repo root, when it is inside it
 export NANOCHAT_BASE_DIR="$RUN_DIR"
+SEED="${SEED:-0}"   # seed of SFT's (and, plus one, RL's) example streams: another SEED is a replicate of fine-tuning
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}"
 export PYTHONUNBUFFERED=1
 echo "speedrun: mode $MODE, model $TAG (pattern $BLOCK_PATTERN), $NPROC process(es) x $OMP_NUM_THREADS thread(s), run dir $SHOW_DIR"
@@ -314,12 +315,12 @@ stage base base_checkpoints \
 stage sft chatsft_checkpoints \
     launch -m scripts.chat_sft --model-tag "$TAG" --block-pattern "$BLOCK_PATTERN" --curriculum "$SFT_CURRICULUM" \
     --num-iterations "$SFT_ITERS" --device-batch-size "$SFT_BATCH" --eval-every "$SFT_EVAL_EVERY" \
-    --eval-examples "$SFT_EVAL_EXAMPLES" --advance-em "$SFT_ADVANCE_EM"
+    --eval-examples "$SFT_EVAL_EXAMPLES" --advance-em "$SFT_ADVANCE_EM" --seed "$SEED"
 stage rl chatrl_checkpoints \
     launch -m scripts.chat_rl --model-tag "$TAG" --block-pattern "$BLOCK_PATTERN" --curriculum "$RL_CURRICULUM" \
     --num-iterations "$RL_ITERS" --prompts-per-step "$RL_PROMPTS" --num-samples "$RL_SAMPLES" \
     --advantage "$RL_ADVANTAGE" --lr-frac "$RL_LR_FRAC" --max-new-tokens "$RL_MAX_NEW_TOKENS" \
-    --eval-every "$RL_EVAL_EVERY" --eval-examples "$RL_EVAL_EXAMPLES"
+    --eval-every "$RL_EVAL_EVERY" --eval-examples "$RL_EVAL_EXAMPLES" --seed "$((SEED + 1))"
 stage kb kb \
     build_heldout_kb
 stage eval eval \
