@@ -99,12 +99,13 @@ if "3" not in skip:
     print(f"part 3: contrastive on {args.docstrings} docstrings (first sentence -> the rest)")
     from bench.corpora import docstring_corpus
     docs_path, qa_path = os.path.join(work, "doc_kb.jsonl"), os.path.join(work, "doc_qa.jsonl")
-    kept = 0
+    kept, seen = 0, set()
     with open(docs_path, "w") as fd, open(qa_path, "w") as fq:
         for d in docstring_corpus(args.docstrings * 2):
             parts = re.split(r"(?<=[.!?])\s+", " ".join(d.text.split()), maxsplit=1)
-            if len(parts) < 2 or len(parts[0].split()) < 4 or len(parts[1].split()) < 8:
-                continue
+            if len(parts) < 2 or len(parts[0].split()) < 4 or len(parts[1].split()) < 8 or parts[1] in seen:
+                continue   # (build_kb drops a repeated text: its question would name a missing document)
+            seen.add(parts[1])
             fd.write(json.dumps({"id": d.id, "title": "", "text": parts[1]}) + "\n")
             fq.write(json.dumps({"question": parts[0], "answers": [d.title], "supporting_ids": [d.id]}) + "\n")
             kept += 1
