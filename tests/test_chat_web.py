@@ -137,6 +137,17 @@ def test_stream_always_mode(server):
     assert "documents" not in [e["type"] for e in off] and off[-1]["documents"] == []
 
 
+def test_stream_ensemble_mode(server):
+    """The documents of always mode, each read on its own; tokens stream and add up to the answer."""
+    q = "Was the blue king born in Osk?"
+    events = stream(server, ask(q, retrieval="ensemble", top_k=2, max_tokens=12))
+    always = stream(server, ask(q, retrieval="always", top_k=2, max_tokens=12))
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "documents" and kinds[-1] == "done" and "token" in kinds, kinds
+    assert events[0]["documents"] == always[0]["documents"] and len(events[0]["documents"]) == 2
+    assert "".join(e["text"] for e in events if e["type"] == "token") == events[-1]["answer"] != ""
+
+
 def test_info_health_and_page(server):
     import httpx
     stats = httpx.get(server + "/stats").json()
