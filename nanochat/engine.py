@@ -326,6 +326,8 @@ class Engine:
             raise ValueError("weights: one lambda per prompt of each group")
         prompts = [p for g in groups for p in g]
         owner = torch.tensor([gi for gi, k in enumerate(sizes) for _ in range(k)], device=device)
+        ends = torch.tensor(sizes).cumsum(0).tolist()
+        spans = list(zip([0] + ends[:-1], ends))   # each group's rows, contiguous
         log_lambda = torch.log(torch.tensor([w for ws in weights for w in ws], dtype=torch.float32, device=device))
         cache = InferenceCache(model, len(prompts), max(len(p) for p in prompts) + max_tokens + 1, device)
         logits = self._feed(cache, list(range(len(prompts))), prompts)
@@ -337,11 +339,7 @@ class Engine:
         done = [False] * len(groups)
         for _ in range(max_tokens):
             logp = torch.log_softmax(logits.float().masked_fill(not_tokens, float("-inf")), dim=-1) + log_lambda[:, None]
-            # log sum_d lambda_d p_d per group: a logsumexp over each group's rows
-            top = torch.full((len(groups), logp.size(-1)), float("-inf"), device=device)
-            top = top.scatter_reduce(0, owner[:, None].expand_as(logp), logp, reduce="amax")
-            top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
-            mixture = torch.zeros_like(top).index_add_(0, owner, torch.exp(logp - top[owner])).log() + top
+            mixture = torch.stack([torch.logsumexp(logp[a:b], dim=0) for a, b in spans])   # log sum_d lambda_d p_d
             chosen = sample_next_token(mixture, generator, temperature, top_k)
             out = []
             for gi, tok in enumerate(chosen.tolist()):
