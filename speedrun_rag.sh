@@ -287,7 +287,7 @@ retriever() {
     mkdir -p "$dir"
     "$PY" -m kb_tools.build_kb --input "$RUN_DIR/kb/world/heldout_kb.jsonl" --out "$dir/kb" --retrievers bm25,dense --no-progress
     "$PY" -m scripts.retriever_train --kb "$dir/kb" --qa "$RUN_DIR/kb/world/heldout_qa_descriptive.jsonl" --objective lsr \
-        --source sft --model-tag "$TAG" --steps "$RETRIEVER_STEPS" --heldout-out "$dir/heldout_qa.jsonl"
+        --source sft --model-tag "$TAG" --steps "$RETRIEVER_STEPS" --heldout-out "$dir/heldout_qa.jsonl" --no-progress
     "$PY" -m kb_tools.eval_retrieval --kb "$dir/kb" --queries "$dir/heldout_qa.jsonl" --retriever bm25 --json \
         | tee "$dir/retrieval_bm25.json"
     for how in "bm25 tuned" "dense base" "dense tuned"; do

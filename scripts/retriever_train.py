@@ -71,6 +71,7 @@ parser.add_argument("--step", type=int, default=None, help="lsr: teacher checkpo
 parser.add_argument("--score-batch-size", type=int, default=32, help="lsr: (document, question) rows per teacher forward")
 # output
 parser.add_argument("--no-save", action="store_true", help="measure only: leave the KB as it is")
+parser.add_argument("--no-progress", action="store_true", help="no progress bar (the evaluation lines still print)")
 parser.add_argument("--heldout-out", default=None, metavar="FILE.jsonl",
                     help="also write the held-out questions here (to evaluate a reader on them with chat_eval --qa)")
 parser.add_argument("--device-type", default="", help="cuda | mps | cpu (default: autodetect)")
@@ -220,7 +221,7 @@ encoder.train()
 optimizer = torch.optim.AdamW(encoder.parameters(), lr=args.lr, weight_decay=0.01)
 warmup = max(1, args.steps // 10)
 order, cursor, step = list(range(len(rows))), len(rows), 0
-progress = tqdm(total=args.steps, desc=args.objective, unit=" steps")
+progress = tqdm(total=args.steps, desc=args.objective, unit=" steps", disable=args.no_progress)
 for step in range(1, args.steps + 1):
     if cursor + args.batch_size > len(order):   # a pass over the training questions, reshuffled
         random.shuffle(order)
