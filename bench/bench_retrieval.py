@@ -20,7 +20,6 @@ import os
 # single-query encode 10x slower (292 ms vs 29 ms measured here). Must be set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
-import json
 import random
 import re
 import resource

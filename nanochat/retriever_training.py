@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.retrieval.evaluate import query_metrics
+from nanochat.rollout import supervised_batch
 
 
 # -----------------------------------------------------------------------------
@@ -73,53 +74,31 @@ def answer_scores(model, tokenizer, items, device, batch_size=32, max_tokens=Non
     rendered = [tokenizer.render_conversation(answer_conversation(*item), max_tokens=max_tokens) for item in items]
     order = sorted(range(len(items)), key=lambda i: len(rendered[i][0]))   # little padding per batch
     scores = [0.0] * len(items)
-    pad = tokenizer.get_bos_token_id()
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        T = max(len(rendered[i][0]) for i in chunk) - 1
-        x = torch.full((len(chunk), T), pad, dtype=torch.long)
-        y = torch.full((len(chunk), T), -1, dtype=torch.long)
-        for b, i in enumerate(chunk):
-            ids, mask = rendered[i]
-            ids_t, mask_t = torch.tensor(ids), torch.tensor(mask)
-            x[b, :len(ids) - 1] = ids_t[:-1]
-            y[b, :len(ids) - 1] = torch.where(mask_t[1:] == 1, ids_t[1:], -1)
-        x, y = x.to(device), y.to(device)
+        x, y = supervised_batch([rendered[i][0] for i in chunk], [rendered[i][1] for i in chunk],
+                                tokenizer.get_bos_token_id(), device)
         nll = model(x, y, loss_reduction="none").view(y.shape).float()
-        counts = (y >= 0).sum(1).clamp_min(1)
-        for b, i in enumerate(chunk):
-            scores[i] = float(-(nll[b].sum() / counts[b]))
+        mean_nll = nll.sum(1) / (y >= 0).sum(1).clamp_min(1)
+        for i, value in zip(chunk, mean_nll.tolist()):
+            scores[i] = -value
     return scores
 
 
 # -----------------------------------------------------------------------------
 # Held-out evaluation with frozen document embeddings (exact search, as the flat index does)
 
-def doc_rankings(query_emb, doc_emb, chunk_doc_ids, depth=100):
-    """Per query, document ids in order of their best chunk (each once), from cosine scores."""
-    scores = query_emb @ doc_emb.T
-    top = torch.topk(scores, min(depth, scores.shape[1]), dim=1).indices.tolist()
-    rankings = []
-    for row in top:
-        seen, ranking = set(), []
-        for c in row:
-            d = chunk_doc_ids[c]
-            if d not in seen:
-                seen.add(d)
-                ranking.append(d)
-        rankings.append(ranking)
-    return rankings
-
-
 def retrieval_metrics(query_emb, doc_emb, chunk_doc_ids, relevant, gamma, k):
     """Recall@1/5/10, MRR@10, nDCG@10 against the relevant doc ids, and the collapse monitor:
     mean entropy of P = softmax(cos / gamma) over each query's top-k chunks (near 0: the retriever
     is certain; log k: it cannot tell them apart) and the number of distinct top-1 documents, next
     to the number of distinct gold documents (a collapsed retriever returns a few documents for all)."""
-    rankings = doc_rankings(query_emb, doc_emb, chunk_doc_ids)
+    cos = query_emb @ doc_emb.T
+    top = torch.topk(cos, min(100, cos.shape[1]), dim=1).indices.tolist()
+    rankings = [list(dict.fromkeys(chunk_doc_ids[c] for c in row)) for row in top]   # each document at its best chunk
     per_query = [query_metrics(r, rel) for r, rel in zip(rankings, relevant)]
     out = {name: float(np.mean([m[name] for m in per_query])) for name in ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10")}
-    top_cos = torch.topk(query_emb @ doc_emb.T, min(k, doc_emb.shape[0]), dim=1).values
+    top_cos = torch.topk(cos, min(k, cos.shape[1]), dim=1).values
     p = F.softmax(top_cos / gamma, dim=-1)
     out["entropy"] = float(-(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean())
     out["distinct_top1"] = len({r[0] for r in rankings if r})

@@ -154,8 +154,12 @@ def rl_batch(samples, pad_id, device):
     """Sequences of the sampled rows as a padded batch for the policy loss. Targets are -1 on the
     prompt, on injected tool output / documents (mask 0) and on padding, so only tokens the
     policy chose carry gradient; advantages are per sequence."""
-    seqs = [s["row"].tokens for s in samples]
-    masks = [s["row"].mask for s in samples]
+    return supervised_batch([s["row"].tokens for s in samples], [s["row"].mask for s in samples], pad_id, device)
+
+
+def supervised_batch(seqs, masks, pad_id, device):
+    """Token sequences and their masks as right-padded (inputs, targets): targets are the next
+    token where its mask is 1, else -1 (ignored)."""
     T = max(len(t) for t in seqs) - 1
     x = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     y = torch.full((len(seqs), T), -1, dtype=torch.long)

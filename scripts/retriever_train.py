@@ -30,7 +30,6 @@ objective, data, steps and held-out metrics) and from then on serves the queries
 """
 import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # see kb_tools/build_kb.py
-import copy
 import json
 import time
 import random

@@ -43,13 +43,7 @@ def read_queries(path):
 
 def doc_ranking(results):
     """Doc ids in order of their best chunk, each once."""
-    seen, ranking = set(), []
-    for r in results:
-        d = r.document.doc_id
-        if d not in seen:
-            seen.add(d)
-            ranking.append(d)
-    return ranking
+    return list(dict.fromkeys(r.document.doc_id for r in results))
 
 
 def query_metrics(ranking, relevant):
