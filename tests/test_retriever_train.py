@@ -138,6 +138,15 @@ def test_saved_encoder_serves_queries_and_leaves_documents_alone(world_kb, tmp_p
     assert added.query_encoder == "tuned" and len(added.chunks) == len(tuned.chunks) + 1
     assert np.allclose(added.retriever.encode_queries([q])[0], vt, atol=1e-5)
 
+    # two saves within one second (same stamp): the second gets its own directory, the first is replaced
+    import time as time_module
+    monkeypatch.setattr(time_module, "strftime", lambda fmt, *a: "20260101-000000" if "%H" in fmt and "T" not in fmt
+                        else "2026-01-01T00:00:00Z")
+    first = save_encoder(kb, encoder, {"objective": "contrastive"})
+    second = save_encoder(kb, encoder, {"objective": "contrastive"})
+    assert first != second and os.path.isdir(second) and not os.path.exists(first)
+    assert RetrievalManager(kb, retriever="dense").query_encoder == "tuned"   # checksums verify
+
     # a save that fails midway leaves the KB (manifest, encoder) as it was, and no temp directories
     manifest_before = open(os.path.join(kb, "manifest.json")).read()
     entries_before = sorted(os.listdir(kb))

@@ -46,9 +46,13 @@ def save_encoder(kb_dir, model, info, metrics_rows=()):
     for entry in os.listdir(kb_dir):   # leftovers of killed runs: never referenced by the manifest
         if re.fullmatch(r"\.?query_encoder-.*", entry) and entry != previous:
             shutil.rmtree(os.path.join(kb_dir, entry), ignore_errors=True)
-    name = f"{ENCODER_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    stamp = f"{ENCODER_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    name, n = stamp, 1
+    while name == previous or os.path.exists(os.path.join(kb_dir, name)):   # two saves within a second
+        name, n = f"{stamp}-{n}", n + 1
     tmp, final = os.path.join(kb_dir, "." + name), os.path.join(kb_dir, name)
-    committed = False
+    tmp_manifest = os.path.join(kb_dir, f".manifest.json.tmp-{os.getpid()}")
+    renamed = committed = False
     try:
         model.save(tmp, safe_serialization=True)
         with open(os.path.join(tmp, "metrics.jsonl"), "w", encoding="utf-8") as f:
@@ -59,6 +63,7 @@ def save_encoder(kb_dir, model, info, metrics_rows=()):
                 if n.endswith((".bin", ".pt", ".pkl", ".pickle")):
                     raise ValueError(f"{os.path.join(root, n)}: the encoder was saved with pickle; refusing to keep it")
         os.rename(tmp, final)
+        renamed = True
         checksums = {f: h for f, h in manifest["checksums"].items() if not (previous and f.startswith(previous + "/"))}
         for root, dirs, names in os.walk(final):
             dirs.sort()
@@ -67,14 +72,15 @@ def save_encoder(kb_dir, model, info, metrics_rows=()):
                 checksums[rel] = _sha256(os.path.join(root, n))
         manifest["checksums"] = checksums
         manifest["query_encoder"] = dict(info, dir=name, created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        tmp_manifest = os.path.join(kb_dir, f".manifest.json.tmp-{os.getpid()}")
         with open(tmp_manifest, "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2)
         os.replace(tmp_manifest, os.path.join(kb_dir, "manifest.json"))   # the commit
         committed = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not committed:
+        if os.path.exists(tmp_manifest):
+            os.remove(tmp_manifest)
+        if renamed and not committed:
             shutil.rmtree(final, ignore_errors=True)
     if previous:
         shutil.rmtree(os.path.join(kb_dir, previous), ignore_errors=True)
