@@ -13,8 +13,8 @@ def evaluate_bpb(model, batches, steps, token_bytes):
     total_nats = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
     total_bytes = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
     for _ in range(steps):
-        x, y = next(batches)
-        loss = model(x, y, loss_reduction="none").view(-1)
+        x, y, *seq_idx = next(batches)   # packed units bring seq_idx
+        loss = model(x, y, seq_idx=seq_idx[0] if seq_idx else None, loss_reduction="none").view(-1)
         y = y.view(-1)
         valid = y >= 0
         nbytes = torch.where(valid, token_bytes[y.clamp(min=0)], torch.zeros_like(y))

@@ -1,13 +1,15 @@
 """
 Training the query side of a dense retriever (scripts/retriever_train.py), and what it measures.
 
-Two objectives, both over frozen document embeddings (the KB's embeddings.npy):
+Two objectives for the query side alone, both over frozen document embeddings (the KB's embeddings.npy):
 - contrastive (DPR): InfoNCE of each question against its gold chunks, with the batch's other gold
   chunks and BM25 hard negatives as negatives.
 - lsr (REPLUG-LSR): no gold labels. A frozen chat model scores each candidate document by the mean
   log-likelihood of the gold answer given (that document, the question); the retriever's
   distribution P = softmax(cosine / gamma) over the candidates is pulled toward
   Q = softmax(score / beta) by KL(Q || P).
+And RAG's joint objective (scripts/chat_sft.py --marginalize): the generator and the query encoder
+trained together on the answer's likelihood marginalised over the retrieved documents.
 """
 import math
 
@@ -66,23 +68,125 @@ def answer_conversation(question, answer, document):
                          {"role": "assistant", "content": answer}]}
 
 
+def answer_token_logprobs(model, tokenizer, items, device, max_tokens=None):
+    """log p of each supervised token (the answer and its end token) of each (question, answer,
+    document dict) in items, teacher-forced in one padded forward that keeps the graph.
+    Returns (logp, mask, hits): (N, n) with the answer's tokens in order, mask True on real
+    tokens, hits True where the argmax is the token."""
+    max_tokens = max_tokens or model.config.sequence_len
+    rendered = [tokenizer.render_conversation(answer_conversation(*item), max_tokens=max_tokens) for item in items]
+    x, y = supervised_batch([ids for ids, _ in rendered], [mask for _, mask in rendered], tokenizer.get_bos_token_id(), device)
+    return supervised_token_logprobs(model, x, y)
+
+
+def supervised_token_logprobs(model, x, y):
+    """Teacher-forced log p of the supervised tokens (targets >= 0) of each row, gathered in
+    order: (logp, mask, hits), each (rows, most supervised tokens in a row)."""
+    nll, hits = model(x, y, loss_reduction="none", with_hits=True)
+    supervised = y >= 0
+    rank = supervised.long().cumsum(1) - 1   # position of each supervised token among its row's
+    n = int(supervised.sum(1).max())
+    rows = torch.arange(y.shape[0], device=y.device)[:, None].expand_as(y)
+    logp = torch.zeros(y.shape[0], n, device=y.device, dtype=nll.dtype)
+    logp = logp.index_put((rows[supervised], rank[supervised]), -nll.view(y.shape)[supervised])
+    mask = torch.zeros(y.shape[0], n, dtype=torch.bool, device=y.device)
+    mask[rows[supervised], rank[supervised]] = True
+    token_hits = torch.zeros_like(mask)
+    token_hits[rows[supervised], rank[supervised]] = hits[supervised]
+    return logp, mask, token_hits
+
+
 @torch.no_grad()
 def answer_scores(model, tokenizer, items, device, batch_size=32, max_tokens=None):
     """Mean log-likelihood per supervised token (the answer and its end token, the positions the
     SFT loss trains) of each (question, answer, document dict) in items, teacher-forced."""
-    max_tokens = max_tokens or model.config.sequence_len
-    rendered = [tokenizer.render_conversation(answer_conversation(*item), max_tokens=max_tokens) for item in items]
-    order = sorted(range(len(items)), key=lambda i: len(rendered[i][0]))   # little padding per batch
+    lengths = [len(item[0]) + len(item[1]) + len(item[2].get("text", "")) for item in items]
+    order = sorted(range(len(items)), key=lambda i: lengths[i])   # little padding per batch
     scores = [0.0] * len(items)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        x, y = supervised_batch([rendered[i][0] for i in chunk], [rendered[i][1] for i in chunk],
-                                tokenizer.get_bos_token_id(), device)
-        nll = model(x, y, loss_reduction="none").view(y.shape).float()
-        mean_nll = nll.sum(1) / (y >= 0).sum(1).clamp_min(1)
-        for i, value in zip(chunk, mean_nll.tolist()):
-            scores[i] = -value
+        logp, mask, _ = answer_token_logprobs(model, tokenizer, [items[i] for i in chunk], device, max_tokens)
+        mean = logp.float().sum(1) / mask.sum(1).clamp_min(1)
+        for i, value in zip(chunk, mean.tolist()):
+            scores[i] = value
     return scores
+
+
+# -----------------------------------------------------------------------------
+# RAG (Lewis et al. 2020): the generator marginalised over the retriever's top-k documents
+
+def marginal_nll(token_logp, mask, doc_logprior, mode):
+    """-log p(y|x) per question. token_logp (B, K, n): log p(y_i | x, d_k, y_<i) with document k
+    alone in the context; mask (B, n): the answer's real tokens; doc_logprior (B, K): log p(d_k|x).
+    sequence: -logsumexp_k [log p(d_k|x) + sum_i log p(y_i|x,d_k,y_<i)] (one document explains the answer);
+    token:    -sum_i logsumexp_k [log p(d_k|x) + log p(y_i|x,d_k,y_<i)] (each token may lean on another)."""
+    m = mask[:, None, :].to(token_logp.dtype)
+    if mode == "sequence":
+        return -torch.logsumexp(doc_logprior + (token_logp * m).sum(-1), dim=1)
+    if mode == "token":
+        per_token = torch.logsumexp(doc_logprior[:, :, None] + token_logp, dim=1)   # (B, n)
+        return -(per_token * mask.to(per_token.dtype)).sum(-1)
+    raise ValueError(f"unknown marginalisation {mode!r} (sequence or token)")
+
+
+def rag_loss(model, tokenizer, encoder, doc_emb, chunks, questions, answers, k, temperature, mode, device, max_tokens=None):
+    """One RAG training batch. The query encoder retrieves the top-k chunks of each question by
+    exact cosine over the frozen document embeddings doc_emb (N, D); p(d|x) = softmax(cosine /
+    temperature) over those k; each (question, chunk) is one row, rendered as a RAG conversation
+    with that document alone. Returns (loss, stats): loss = summed marginal NLL / answer tokens
+    (a per-token mean, like SFT's loss), whose gradient reaches the generator and the query
+    encoder; stats for logging (retriever entropy, top-1 chunks, how many questions the top-1
+    document's row gets exactly right teacher-forced, answer tokens)."""
+    q = embed(encoder, questions, device)
+    cos = q @ doc_emb.T
+    top = torch.topk(cos.detach(), k, dim=1).indices
+    doc_logprior = F.log_softmax(cos.gather(1, top) / temperature, dim=1)
+    items = [(question, answer, chunks[c].to_dict()) for question, answer, row in zip(questions, answers, top.tolist())
+             for c in row]
+    logp, mask, hits = answer_token_logprobs(model, tokenizer, items, device, max_tokens)
+    B, n = len(questions), logp.shape[1]
+    logp, mask, hits = logp.view(B, k, n).float(), mask.view(B, k, n), hits.view(B, k, n)
+    assert bool((mask == mask[:, :1]).all()), "every document's row must supervise the same answer tokens"
+    mask = mask[:, 0]
+    nll = marginal_nll(logp, mask, doc_logprior, mode)
+    loss = nll.sum() / mask.sum().clamp_min(1)
+    p = doc_logprior.detach().exp()
+    first = p.argmax(1)
+    first_hits = hits[torch.arange(B, device=hits.device), first]
+    stats = {"entropy": float(-(p * doc_logprior.detach()).sum(1).mean()),
+             "top1": [row[i] for row, i in zip(top.tolist(), first.tolist())],
+             "top1_right": int((first_hits | ~mask).all(1).sum()), "tokens": int(mask.sum())}
+    return loss, stats
+
+
+def realm_loss(model, encoder, doc_emb, chunks, parent_text, loader, units, k, temperature, device):
+    """REALM's objective in pretraining: each unit of a NeighbourLoader (made with k = 0) is read
+    after each of the k chunks the query encoder ranks highest for its query (never one of its own
+    document's), one row per chunk; loss = -log sum_d p(d|query) p(sequence|d, query) over the
+    sequence's tokens, per token of the batch. Returns (loss, stats)."""
+    from nanochat.dataloader import from_source, _flat
+    q = embed(encoder, [u[1] for u in units], device)
+    cos = q @ doc_emb.T
+    ranked = torch.topk(cos.detach(), min(k + 8, cos.shape[1]), dim=1).indices.tolist()
+    picked = []
+    for unit, row in zip(units, ranked):
+        source = _flat(loader.source.get(unit[0]))
+        keep = [c for c in row if not from_source(chunks[c], parent_text.get(chunks[c].doc_id, ""), source)][:k]
+        if len(keep) < k:
+            raise ValueError(f"only {len(keep)} of {k + 8} retrieved chunks are not from the sequence's own document")
+        picked.append(keep)
+    top = torch.tensor(picked, device=cos.device)
+    doc_logprior = F.log_softmax(cos.gather(1, top) / temperature, dim=1)
+    rendered = [loader.render(unit, [chunks[c]]) for unit, row in zip(units, picked) for c in row]
+    x, y = supervised_batch([ids for ids, _ in rendered], [m for _, m in rendered], loader.bos, device)
+    logp, mask, _ = supervised_token_logprobs(model, x, y)
+    B, n = len(units), logp.shape[1]
+    logp, mask = logp.view(B, k, n).float(), mask.view(B, k, n)[:, 0]
+    nll = marginal_nll(logp, mask, doc_logprior, "sequence")
+    p = doc_logprior.detach().exp()
+    return nll.sum() / mask.sum().clamp_min(1), {"entropy": float(-(p * doc_logprior.detach()).sum(1).mean()),
+                                                 "top1": [row[i] for row, i in zip(picked, p.argmax(1).tolist())],
+                                                 "chunks": picked}
 
 
 # -----------------------------------------------------------------------------

@@ -5,6 +5,21 @@ Pretrain a base model.
     torchrun --standalone --nproc_per_node=2 -m scripts.base_train -- --depth 4   # DDP (gloo on CPU, nccl on CUDA)
 
 --depth is the one dial: width, heads and learning-rate scaling follow from it.
+
+Retrieval-augmented pretraining (In-Context RALM / REALM style), --retrieval-augment K --kb KB_DIR:
+each document is cut into sequences, and each sequence is read after the K chunks the KB's
+--retriever finds for the text just before it (the document's first line, then the end of the
+previous sequence; never a chunk of the document itself, compared by text). The loss covers only
+the sequence's own tokens, so the model learns from the start that documents in its context are
+worth reading. Validation then also reports bpb on held-out sequences with and without their
+neighbours. --kb without --retrieval-augment trains plainly and reports both numbers with 3
+neighbours (retrieval at test time only, as In-Context RALM does with an off-the-shelf model).
+With --marginalize (REALM's objective; a KB with a dense index), each sequence is instead read K
+times, once after each of the K chunks a trainable query encoder ranks highest, and the loss is
+-log sum_d p(d|query) p(sequence|d, query): the encoder trains too, toward the chunks that make the
+text likely (saved as query_encoder/ beside the checkpoint).
+For the knowledge world, `python -m tasks.knowledge_world --out DIR --realm` writes such a corpus:
+the KB is the world's articles, the text is questions about them.
 """
 import os
 import time
@@ -14,12 +29,12 @@ import argparse
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (compute_init, compute_cleanup, print0, init_wandb, autocast_ctx, die, get_base_dir)
+from nanochat.common import compute_init, compute_cleanup, print0, init_wandb, autocast_ctx, die
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.tokenizer import get_tokenizer
 from tasks.pretraining import GENERATED
 from nanochat.dataset import get_source
-from nanochat.dataloader import PretrainLoader
+from nanochat.dataloader import PretrainLoader, NeighbourLoader
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import setup_optimizers, step_optimizers, all_reduce_grads
 from nanochat.checkpoint_manager import save_checkpoint, load_checkpoint, checkpoint_dir, model_tag_for
@@ -39,6 +54,14 @@ parser.add_argument("--short-conv", type=int, default=0,
                     help="T blocks: taps of a causal depthwise conv over the attention input, so each key also "
                          "sees the tokens just before it (Canon layers); 4 helps a small model learn to look "
                          "values up in documents. 0: plain attention")
+parser.add_argument("--retrieval-augment", type=int, default=0, metavar="K",
+                    help="read each training sequence after K neighbours retrieved from --kb (see above); 0: plain pretraining")
+parser.add_argument("--kb", default=None, help="knowledge base (kb_tools.build_kb) the neighbours come from")
+parser.add_argument("--retriever", default="bm25", choices=["simple", "bm25", "dense", "hybrid"],
+                    help="how neighbours are found (--marginalize: dense, with the query encoder it trains)")
+parser.add_argument("--marginalize", action="store_true", help="REALM: marginal likelihood over the K neighbours, query encoder trained")
+parser.add_argument("--retriever-temperature", type=float, default=0.1, help="--marginalize: p(d|query) = softmax(cosine / this)")
+parser.add_argument("--encoder-lr", type=float, default=2e-5, help="--marginalize: AdamW learning rate of the query encoder")
 parser.add_argument("--data", default="embedded",
                     help="'embedded' (offline generated corpus), 'realtext' (docstrings and docs on this machine), 'fineweb', "
                          "a directory of parquet files, or a mix such as 'embedded:3+realtext:1' (proportions by documents)")
@@ -74,6 +97,14 @@ for flag in ("depth", "num_iterations", "device_batch_size", "max_seq_len", "eva
         die(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
 if not 0 <= args.warmup_ratio + args.warmdown_ratio <= 1:
     die("--warmup-ratio + --warmdown-ratio must be between 0 and 1")
+if args.retrieval_augment < 0:
+    die(f"--retrieval-augment must be >= 0, got {args.retrieval_augment}")
+if args.retrieval_augment and not args.kb:
+    die("--retrieval-augment needs --kb KB_DIR (the knowledge base the neighbours come from)")
+if args.marginalize and not args.retrieval_augment:
+    die("--marginalize needs --retrieval-augment K (the neighbours to marginalise over) and --kb")
+if args.marginalize:
+    args.retriever = "dense"
 
 # -----------------------------------------------------------------------------
 # Setup: processes, tokenizer, model
@@ -135,11 +166,45 @@ except (ValueError, FileNotFoundError) as e:
 start_doc = meta["loader_state"][rank]["next_doc"] if resuming else None
 if resuming and len(meta["loader_state"]) != world_size:
     die(f"checkpoint was written by {len(meta['loader_state'])} processes; resume with the same number (got {world_size})")
-train_loader = PretrainLoader(train_source, tokenizer, args.device_batch_size, args.max_seq_len, rank, world_size, device, start_doc)
+kb = None
+if args.kb:
+    from nanochat.retrieval import RetrievalManager
+    try:
+        kb = RetrievalManager(args.kb, retriever=args.retriever, query_encoder="base" if args.marginalize else "tuned")
+    except (ValueError, FileNotFoundError) as e:
+        die(f"{'--marginalize' if args.marginalize else '--kb'}: {e}")
+    parent_text = {d.id: d.text for d in kb.documents}
+    eval_k = args.retrieval_augment or 3
+if args.marginalize:
+    # REALM: a trainable query encoder over the KB's frozen document embeddings; evaluation reads its top chunks too
+    import numpy as np
+    from nanochat.retrieval.dense import resolve_model
+    from nanochat.retrieval.query_encoder import load_encoder
+    from nanochat.retriever_training import realm_loss
+    encoder = load_encoder(resolve_model(kb.kb.manifest["dense"]["model"])[0], device)
+    kb.retriever.query_model = encoder
+    doc_emb = torch.from_numpy(np.asarray(kb.retriever.embeddings, dtype=np.float32)).to(device)
+    encoder_opt = torch.optim.AdamW(encoder.parameters(), lr=args.encoder_lr, weight_decay=0.01)
 
 
-def val_batches():
-    # the same validation documents every time, so evaluations compare
+def neighbour_loader(source, k, next_doc=None):
+    return NeighbourLoader(source, tokenizer, kb, parent_text, k, args.device_batch_size, args.max_seq_len, rank, world_size,
+                           device, next_doc)
+
+
+try:
+    # --marginalize: the loader hands out units without neighbours; realm_loss retrieves with the encoder
+    train_loader = (neighbour_loader(train_source, 0 if args.marginalize else args.retrieval_augment, start_doc)
+                    if args.retrieval_augment else
+                    PretrainLoader(train_source, tokenizer, args.device_batch_size, args.max_seq_len, rank, world_size, device, start_doc))
+except ValueError as e:
+    die(f"--retrieval-augment: {e}")
+
+
+def val_batches(k=None):
+    # the same validation documents every time, so evaluations compare; k: held-out sequences read after k neighbours
+    if k is not None:
+        return iter(neighbour_loader(val_source, k))
     return iter(PretrainLoader(val_source, tokenizer, args.device_batch_size, args.max_seq_len, rank, world_size, device))
 
 
@@ -179,9 +244,17 @@ def save(step, val_bpb):
     else:
         loader_states = [x_state]
     meta = {"model_config": config.to_dict(), "user_config": user_config, "step": step, "val_bpb": val_bpb,
+            "neighbour_bpb": neighbour_bpb,
             "loader_state": loader_states, "loop_state": {"total_train_time": total_train_time}, "phase": "base"}
     save_checkpoint(ckpt_dir, step, model.state_dict(), [o.state_dict() for o in optimizers], meta, rank)
     print0(f"saved checkpoint step {step} to {ckpt_dir}")
+    if args.marginalize and master:   # the encoder trained with it (sentence-transformers safetensors), replaced by rename
+        import shutil
+        final, tmp = os.path.join(ckpt_dir, "query_encoder"), os.path.join(ckpt_dir, ".query_encoder.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        encoder.save(tmp, safe_serialization=True)
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
 
 
 # -----------------------------------------------------------------------------
@@ -193,16 +266,36 @@ smooth_loss = 0.0
 model.train()
 # training steps run the compiled module (fixed shapes: every batch is device_batch_size x max_seq_len);
 # evaluation, sampling and checkpoints use the plain one, which shares its parameters
-train_model = torch.compile(model, dynamic=False) if args.compile else model
+train_model = torch.compile(model, dynamic=False) if args.compile and not args.marginalize else model
 x_state = train_loader.state_dict()
-x, y = train_loader.next_batch()
+
+
+def next_batch():
+    if args.marginalize:
+        return train_loader.next_units(args.device_batch_size)
+    batch = train_loader.next_batch()
+    return batch if len(batch) == 3 else (*batch, None)   # (x, y, seq_idx): neighbour rows pack several units
+
+
+batch = next_batch()
+neighbour_bpb = None
 while True:
     last = step == args.num_iterations
     if last or (args.eval_every > 0 and step % args.eval_every == 0 and step > 0):
         model.eval()
         with autocast_ctx(device):
             val_bpb = evaluate_bpb(model, val_batches(), eval_steps, token_bytes)
-        print0(f"step {step:5d} | val bpb {val_bpb:.4f}")
+            if kb is not None:
+                bpb_alone = evaluate_bpb(model, val_batches(0), eval_steps, token_bytes)
+                bpb_read = evaluate_bpb(model, val_batches(eval_k), eval_steps, token_bytes)
+        line = f"step {step:5d} | val bpb {val_bpb:.4f}"
+        if args.marginalize:
+            encoder.train()   # the evaluation's searches put it in eval mode
+        if kb is not None:
+            line += f" | held-out sequences: {bpb_alone:.4f} alone, {bpb_read:.4f} after {eval_k} neighbours"
+            neighbour_bpb = {"alone": bpb_alone, "with_neighbours": bpb_read, "k": eval_k}
+            wandb_run.log({"step": step, "val/bpb_alone": bpb_alone, "val/bpb_with_neighbours": bpb_read})
+        print0(line)
         wandb_run.log({"step": step, "val/bpb": val_bpb})
         model.train()
     if master and (last or (args.sample_every > 0 and step % args.sample_every == 0 and step > 0)):
@@ -215,11 +308,21 @@ while True:
     t0 = time.time()
     for _ in range(grad_accum):
         with autocast_ctx(device):
-            loss = train_model(x, y)
+            if args.marginalize:
+                loss, realm_stats = realm_loss(model, encoder, doc_emb, kb.chunks, parent_text, train_loader, batch,
+                                               args.retrieval_augment, args.retriever_temperature, device)
+            else:
+                loss = train_model(batch[0], batch[1], seq_idx=batch[2])
         (loss / grad_accum).backward()
         x_state = train_loader.state_dict()
-        x, y = train_loader.next_batch()
+        batch = next_batch()
     all_reduce_grads(model)
+    if args.marginalize:
+        all_reduce_grads(encoder)
+        for group in encoder_opt.param_groups:
+            group["lr"] = args.encoder_lr * lr_multiplier(step)
+        encoder_opt.step()
+        encoder_opt.zero_grad(set_to_none=True)
     lrm = lr_multiplier(step)
     for group in optimizers[-1].param_groups if len(optimizers) > 1 else []:
         group["momentum"] = muon_momentum(step)
@@ -237,7 +340,9 @@ while True:
     debiased = smooth_loss / (1 - 0.9 ** steps_this_run)
     tok_per_sec = total_batch / dt
     print0(f"step {step:5d}/{args.num_iterations} | loss {loss_value:.4f} (smooth {debiased:.4f}) | lrm {lrm:.2f} | "
-           f"{dt * 1000:.0f} ms | {tok_per_sec:,.0f} tok/s | total {total_train_time / 60:.2f} min")
+           f"{dt * 1000:.0f} ms | {tok_per_sec:,.0f} tok/s | total {total_train_time / 60:.2f} min"
+           + (f" | retriever entropy {realm_stats['entropy']:.2f}, {len(set(realm_stats['top1']))} distinct top-1"
+              if args.marginalize else ""))
     wandb_run.log({"step": step, "train/loss": loss_value, "train/lrm": lrm, "train/tok_per_sec": tok_per_sec})
 
 print0(f"done: {step} steps, {total_train_time / 60:.2f} min of training, final val bpb {val_bpb:.4f}")

@@ -16,7 +16,8 @@ reading the documents — and the design follows what was measured on a CPU:
   so the answer type is known early; `rigid=True` uses one article template and one
   phrasing per question for the first curriculum stage.
 
-    python -m tasks.knowledge_world --out DIR     # KB inputs + QA files of both worlds
+    python -m tasks.knowledge_world --out DIR          # KB inputs + QA files of both worlds
+    python -m tasks.knowledge_world --out DIR --realm  # also a corpus for retrieval-augmented pretraining
 """
 import os
 import json
@@ -278,6 +279,27 @@ def heldout_world(seed=0, rigid=False):
     return make_world(seed, "heldout", people=300, cities=50, orgs=80, works=80, countries=8, rigid=rigid)
 
 
+def quiz_corpus(world, seed=0, heldout_frac=0.1, quizzes_per_entity=3):
+    """Text for retrieval-augmented pretraining (base_train --retrieval-augment): quizzes, each
+    the single-hop questions about one entity ("Q: ...", "A: ..." lines, in a random order and
+    phrasing). Their facts are only in the entity's article, which the text never contains: a
+    model learns them by heart or reads them from the KB (the world's articles). Returns (train,
+    heldout) texts; held-out quizzes are about entities no training quiz asks about."""
+    rng = random.Random(f"quiz-{seed}")
+    train, heldout = [], []
+    for e in world.entities.values():
+        if e["kind"] not in ARTICLES:
+            continue
+        held = rng.random() < heldout_frac
+        attributes = [a for (k, a) in QUESTIONS if k == e["kind"]]
+        for _ in range(1 if held else quizzes_per_entity):
+            rng.shuffle(attributes)
+            lines = [f"Q: {rng.choice(QUESTIONS[(e['kind'], a)]).format(e=e['name'])}\nA: {e[a]}" for a in attributes]
+            (heldout if held else train).append("\n".join(lines))
+    rng.shuffle(train)
+    return train, heldout
+
+
 # -----------------------------------------------------------------------------
 # Tasks
 
@@ -376,6 +398,9 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rigid", action="store_true", help="one article template and one phrasing per question")
     parser.add_argument("--num-questions", type=int, default=500, help="questions per QA file")
+    parser.add_argument("--realm", action="store_true",
+                        help="also write realm/: the training world's quizzes as parquet text (last shard: quizzes about "
+                             "held-out entities) for base_train --data, over the KB of train_kb.jsonl")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     for name, world in [("train", training_world(args.seed, args.rigid)), ("heldout", heldout_world(args.seed, args.rigid))]:
@@ -386,3 +411,13 @@ if __name__ == "__main__":
                        descriptive=True)
         print(f"{name}: {len(world.documents())} articles -> {args.out}/{name}_kb.jsonl, "
               f"{name}_qa_{{1,2,3}}hop.jsonl, {name}_qa_descriptive.jsonl")
+    if args.realm:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        train, heldout = quiz_corpus(training_world(args.seed, args.rigid), args.seed)
+        os.makedirs(os.path.join(args.out, "realm"), exist_ok=True)
+        for i, texts in enumerate((train, heldout)):   # the last shard is the validation split
+            pq.write_table(pa.table({"text": texts}), os.path.join(args.out, "realm", f"shard_{i:05d}.parquet"))
+        print(f"realm: {len(train):,} training and {len(heldout):,} held-out quizzes -> {args.out}/realm/ "
+              f"(python -m kb_tools.build_kb --input {args.out}/train_kb.jsonl --out KB; "
+              f"base_train --data {args.out}/realm --retrieval-augment 3 --kb KB)")
