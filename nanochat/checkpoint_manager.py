@@ -127,6 +127,7 @@ def load_model(source, device, phase="eval", model_tag=None, step=None, expect_b
         raise ValueError(f"checkpoint {ckpt_dir} step {step} was trained with tokenizer {meta['tokenizer']}, but "
                          f"{os.path.join(get_base_dir(), 'tokenizer')} is {tokenizer.fingerprint()}: was the tokenizer "
                          f"retrained after this checkpoint, or is NANOCHAT_BASE_DIR another run's?")
+    tokenizer.query_position = meta.get("query_position", "after")   # the model reads as it was trained to
     if tokenizer.get_vocab_size() > model.config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.get_vocab_size()} tokens but the model only {model.config.vocab_size}: "
                          "was the tokenizer retrained after this checkpoint?")

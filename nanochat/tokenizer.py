@@ -12,6 +12,13 @@ document, a question, a search and an answer, and reading becomes a plain token 
 model copied every field but names, whose first token it had to re-spell, before this).
 Inside a document every line that starts with a visible character gets the same prefix, so a value at the
 start of a line (a list item, a table row, a record) is the tokens an answer would be.
+
+Reading order (query_position, set per model from its checkpoint by load_model): where a question
+goes relative to the documents retrieved for it. "after" (the default): documents, then the
+question. "before": the question, then the documents. "both": the question, the documents, the
+question again (JRT, "Just Read Twice"). A recurrent model that has seen the question first keeps
+what is asked for instead of every fact. Masks do not change: nothing the model is given is trained
+on. Searches the model writes itself (multi-hop) already come before their results.
 """
 import os
 import re
@@ -24,6 +31,7 @@ import tiktoken
 
 from nanochat.common import get_base_dir, atomic_write_text
 
+QUERY_POSITIONS = ("after", "before", "both")
 LINE_START = re.compile(r"\n(?=[^\s])")   # a line break before a line that starts with a visible character
 
 SPECIAL_TOKENS = [
@@ -51,6 +59,7 @@ class Tokenizer:
         self.enc = enc
         self.special = {name: enc.encode_single_token(name) for name in SPECIAL_TOKENS}
         self.bos_token_id = self.special["<|bos|>"]
+        self.query_position = "after"   # see the module docstring; a checkpoint's own comes with load_model
 
     # ---- training / persistence -------------------------------------------------------------
     @classmethod
@@ -212,6 +221,9 @@ class Tokenizer:
         segs = [("tok", [self.bos_token_id], 0)]
         n_doc = 0
         expected = "user"
+        pending = None   # a retrieval message's documents, placed when its question is
+        if self.query_position not in QUERY_POSITIONS:
+            raise ValueError(f"query_position must be one of {', '.join(QUERY_POSITIONS)}, got {self.query_position!r}")
 
         def add_docs(documents):
             nonlocal n_doc
@@ -225,7 +237,7 @@ class Tokenizer:
                 nxt = messages[i + 1]["role"] if i + 1 < len(messages) else None
                 if nxt != "user":
                     raise ValueError(f"message {i}: a retrieval message must come right before a user message")
-                add_docs(msg["documents"])
+                pending = msg["documents"]
                 continue
             if role != expected:
                 raise ValueError(f"message {i} is from {role!r} but should be from {expected!r}")
@@ -233,7 +245,14 @@ class Tokenizer:
             if role == "user":
                 if not isinstance(content, str):
                     raise ValueError(f"message {i}: user content must be a string")
-                segs.append(("tok", [S["<|user_start|>"]] + self.encode_text(content) + [S["<|user_end|>"]], 0))
+                turn = ("tok", [S["<|user_start|>"]] + self.encode_text(content) + [S["<|user_end|>"]], 0)
+                if pending is not None and self.query_position != "after":
+                    segs.append(turn)
+                if pending is not None:
+                    add_docs(pending)
+                if pending is None or self.query_position != "before":
+                    segs.append(turn)
+                pending = None
                 expected = "assistant"
                 continue
             segs.append(("tok", [S["<|assistant_start|>"]], 0))

@@ -12,7 +12,6 @@ Injected documents and the prompt are masked out of the loss.
 import os
 import json
 import time
-import math
 import argparse
 from collections import deque
 
@@ -176,7 +175,8 @@ while True:
         print0(f"curriculum: rollout EM reached {args.advance_em:.2f}, moving to stage {stage} ({'+'.join(n for n, _ in stages[stage])})")
 
 meta_out = {"model_config": model.config.to_dict(), "user_config": user_config, "step": step, "phase": "rl",
-            "base": {"source": args.source, "model_tag": model_tag}, "heldout": record, "train_time_min": train_time / 60}
+            "base": {"source": args.source, "model_tag": model_tag}, "heldout": record, "train_time_min": train_time / 60,
+            "query_position": tokenizer.query_position}
 save_checkpoint(ckpt_dir, step, model.state_dict(), None, meta_out, rank)
 print0(f"saved {ckpt_dir} step {step}")
 wandb_run.finish()

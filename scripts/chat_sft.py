@@ -70,6 +70,9 @@ parser.add_argument("--advance-em", type=float, default=0.9,
                          "(the other tasks of a stage ride along: world2+read2 advances on world2)")
 parser.add_argument("--advance-window", type=int, default=20, help="steps averaged for --advance-em")
 add_kb_flags(parser, heldout_split=True)
+parser.add_argument("--query-position", default=None, choices=["after", "before", "both"],
+                    help="where a question goes relative to its retrieved documents, for this model from now on (saved with "
+                         "it; eval, RL and the chat UIs follow): after them, before them, or both (JRT). Default: the loaded model's")
 parser.add_argument("--marginalize", default=None, choices=["sequence", "token"],
                     help="RAG: train the generator and --kb's query encoder together on the answer's likelihood "
                          "marginalised over the top --marginal-k documents (see above); needs --qa and a dense KB")
@@ -152,6 +155,7 @@ try:
 except (FileNotFoundError, ValueError) as e:
     die(str(e))
 seq_len = args.max_seq_len or model.config.sequence_len
+tokenizer.query_position = args.query_position or tokenizer.query_position   # every rendering below follows it
 print0(f"SFT of {args.source}/{model_tag} ({model.config.block_pattern}, {model.num_params():,} params), rows of {seq_len} tokens")
 
 # fine-tuning uses base_train's default learning rates scaled by --lr-frac
@@ -366,6 +370,7 @@ if best is not None and best[1] != step:
         encoder.load_state_dict(best[5])
     step, record = best[1], best[3]
 meta_out = {"model_config": model.config.to_dict(), "user_config": user_config, "step": step, "phase": "sft", "stage": stage,
+            "query_position": tokenizer.query_position,
             "base": {"source": args.source, "model_tag": model_tag}, "heldout": record, "train_time_min": train_time / 60}
 if args.marginalize:
     meta_out["rag"] = {key: getattr(args, key) for key in ("marginalize", "marginal_k", "retriever_temperature", "encoder_lr")}

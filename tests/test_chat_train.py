@@ -10,7 +10,7 @@ from tests.conftest import run_module
 from tasks.sft_data import packed_batches
 from nanochat.rollout import rl_batch, policy_gradient_loss, rollout
 from nanochat.retrieval import Document, make_retriever
-from tests.test_engine import scripted_engine, run_scripted
+from tests.test_engine import scripted_engine, run_scripted, tiny_model
 
 
 def check(proc):
@@ -50,6 +50,26 @@ def test_packing_keeps_conversations_whole(tokenizer):
         assert all(row_x[t] == bos for t in starts)
     supervised = tokenizer.decode([t for t in y.view(-1).tolist() if t >= 0])
     assert "the cat" not in supervised and "sat" in supervised
+
+
+def test_compiled_sft_step_matches_eager(tokenizer):
+    """chat_sft --compile (compiled trunk, eager sparse head) gives the eager loss, hits and gradients on
+    a packed batch, documents kept apart by seq_idx (one T block with a short conv: an M block would
+    add ~25 s of compiling; test_engine compiles one)."""
+    convs = [{"messages": [{"role": "user", "content": "the cat " * n}, {"role": "assistant", "content": "sat " * n}]}
+             for n in (1, 3, 5, 2, 8, 4)]
+    x, y, seq_idx, _ = next(packed_batches(ListTask(convs), tokenizer, 2, 48))
+    model = tiny_model(tokenizer.get_vocab_size(), "T/conv4").train()
+    loss, hits = model(x, y, seq_idx=seq_idx, with_hits=True)
+    loss.backward()
+    eager = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled_loss, compiled_hits = model.supervised_loss(torch.compile(model.trunk, dynamic=False)(x, seq_idx=seq_idx), y)
+    compiled_loss.backward()
+    assert torch.allclose(loss, compiled_loss, atol=1e-5)
+    assert torch.equal(hits, compiled_hits)
+    for g, p in zip(eager, model.parameters()):
+        assert torch.allclose(g, p.grad, atol=1e-4)
 
 
 def test_rl_loss_ignores_injected_tokens(tokenizer):
@@ -125,10 +145,10 @@ def test_chat_eval_em_matches_hand_count(trained_base, kb_and_qa, tmp_path, monk
     assert metrics["n"] == 5
 
 
-def test_sft_torchrun_two_processes_then_rl_two_steps(trained_base):
+def test_sft_torchrun_two_processes_then_rl_two_steps(trained_base, monkeypatch):
     sft = check(run_module("scripts.chat_sft", "--model-tag", "tiny", "--num-iterations", "3", "--device-batch-size", "2",
                            "--eval-every", "0", "--eval-examples", "2", "--curriculum", "world1,world3",
-                           base_dir=trained_base, torchrun_procs=2))
+                           "--query-position", "both", base_dir=trained_base, torchrun_procs=2))
     assert "step     3/3" in sft
     ckpt = os.path.join(trained_base, "chatsft_checkpoints", "tiny")
     records = [json.loads(l) for l in open(os.path.join(ckpt, "metrics.jsonl"))]
@@ -140,6 +160,15 @@ def test_sft_torchrun_two_processes_then_rl_two_steps(trained_base):
     for key in ("reward", "EM", "searches/q", "valid searches", "gold recall", "len"):
         assert key in rl
     assert os.path.exists(os.path.join(trained_base, "chatrl_checkpoints", "tiny", "model_000002.pt"))
+    # the reading order travels with the model: RL kept it, and every loader (chat_eval, chat_cli, chat_web,
+    # the RL rollouts) renders with the tokenizer load_model hands back
+    from nanochat.checkpoint_manager import load_model
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(trained_base))
+    for source in ("sft", "rl"):
+        _, tok, meta = load_model(source, "cpu", model_tag="tiny")
+        assert meta["query_position"] == "both" and tok.query_position == "both"
+    _, tok, _ = load_model("base", "cpu", model_tag="tiny")
+    assert tok.query_position == "after"   # checkpoints from before the option read as they always did
 
 
 def test_bad_input(trained_base, kb_and_qa, tmp_path):
@@ -207,7 +236,6 @@ def test_rl_micro_batches_by_length_give_the_full_batch_gradient(tokenizer):
     denominator) has the gradient of the whole batch at once."""
     from nanochat.engine import RowState
     from nanochat.rollout import length_buckets
-    from tests.test_engine import tiny_model
     model = tiny_model(tokenizer.get_vocab_size())
     g = torch.Generator().manual_seed(0)
     samples = []

@@ -184,3 +184,42 @@ def test_fingerprint_survives_save_and_load_and_tells_vocabularies_apart(tokeniz
     assert again.fingerprint() == tokenizer.fingerprint() and len(tokenizer.fingerprint()) == 16
     other = Tokenizer.train_from_iterator(iter(["a completely different corpus of words " * 50]), 300)
     assert other.fingerprint() != tokenizer.fingerprint()
+
+
+@pytest.mark.parametrize("position", ["after", "before", "both"])
+def test_reading_order(tokenizer, position):
+    """The question after the documents, before them, or both (JRT); the same tokens are supervised,
+    a model's own searches keep their results after them, and a bad value is refused."""
+    conv = {"messages": [
+        {"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."},
+        {"role": "retrieval", "documents": [{"id": "a", "title": "Cat", "text": "The cat sat."},
+                                            {"id": "b", "title": "Dog", "text": "The dog ran."}]},
+        {"role": "user", "content": "Who sat?"},
+        {"role": "assistant", "content": [{"type": "search", "text": "cat"},
+                                          {"type": "search_results", "documents": [{"id": "c", "title": "", "text": "Mat."}]},
+                                          {"type": "text", "text": "The cat."}]},
+    ]}
+    tokenizer.query_position = "after"
+    ref_ids, ref_mask = tokenizer.render_conversation(conv)
+    tokenizer.query_position = position
+    try:
+        ids, mask = tokenizer.render_conversation(conv)
+        prompt = tokenizer.render_for_completion({"messages": conv["messages"][:-1]})
+    finally:
+        tokenizer.query_position = "after"
+    text = tokenizer.decode(ids)
+    question = "<|user_start|> Who sat?<|user_end|>"
+    docs = "<|doc_start|>[1] Cat\n The cat sat.<|doc_end|><|doc_start|>[2] Dog\n The dog ran.<|doc_end|>"
+    expected = {"after": docs + question, "before": question + docs, "both": question + docs + question}[position]
+    assert "<|user_start|> Hello<|user_end|><|assistant_start|> Hi.<|assistant_end|>" + expected + "<|assistant_start|>" in text
+    assert text.count("Who sat?") == (2 if position == "both" else 1)
+    assert [t for t, m in zip(ids, mask) if m] == [t for t, m in zip(ref_ids, ref_mask) if m]   # masks do not change
+    assert all(m == 0 for t, m in zip(ids, mask) if t in (tokenizer.special["<|doc_start|>"], tokenizer.special["<|user_start|>"]))
+    assert "<|search_end|><|doc_start|>[3]\n Mat.<|doc_end|>" in text       # search results stay after the search
+    assert tokenizer.decode(prompt).endswith(expected + "<|assistant_start|>")
+    tokenizer.query_position = "sideways"
+    try:
+        with pytest.raises(ValueError, match="query_position"):
+            tokenizer.render_conversation(conv)
+    finally:
+        tokenizer.query_position = "after"
