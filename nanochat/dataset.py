@@ -1,7 +1,7 @@
 """
 Pretraining text sources, each addressable by document index (so a run resumes exactly and
 torchrun ranks take disjoint documents without coordination). Text generated on the fly
-("embedded", "reading") is made in tasks/ (tasks.pretraining) and handed in by the scripts:
+("embedded", "reading", "recall") is made in tasks/ (tasks.pretraining) and handed in by the scripts:
 
 - "embedded": the offline default. Generated on the fly by tasks.knowledge_world: encyclopedia
   articles about invented entities followed by questions answered from them. License-clean,
@@ -13,6 +13,7 @@ torchrun ranks take disjoint documents without coordination). Text generated on 
   real documents.
 - "reading": generated reading drills (tasks.reading) as plain text: documents of many shapes with
   real-English schemas, each followed by questions answered from it.
+- "recall": key -> value recall drills (tasks.recall), e.g. mixed in as "embedded:1+recall:1".
 - "fineweb": FineWeb-Edu parquet shards for users who are online
   (`python -m nanochat.dataset -n 8` downloads 8 shards). The last shard is the validation split.
 - a mix such as "embedded:3+realtext:1" (or "embedded+realtext", equal parts) interleaves sources
@@ -364,7 +365,7 @@ def parse_mix(name):
 
 def get_source(name, split="train", data_dir=None, generated=None):
     """A pretraining source by its --data name. generated: {name: document(i, split)} for text made on
-    the fly (tasks.pretraining.GENERATED gives 'embedded' and 'reading')."""
+    the fly (tasks.pretraining.GENERATED gives 'embedded', 'reading' and 'recall')."""
     generated = generated or {}
     if name in generated:
         return GeneratedSource(name, generated[name], split)

@@ -6,9 +6,11 @@ index, so a run resumes exactly and torchrun ranks read disjoint documents.
 - "embedded": the knowledge world's articles followed by questions answered from them
   (tasks.knowledge_world.pretraining_documents), never repeating, license-clean.
 - "reading": reading drills as plain text (tasks.reading.pretraining_text).
+- "recall": key -> value recall drills (tasks.recall.recall_document), e.g. embedded:1+recall:1.
 """
 from tasks.knowledge_world import pretraining_documents
 from tasks.reading import pretraining_text
+from tasks.recall import recall_document
 
 VAL_OFFSET = 1_000_000_007   # validation worlds come from a disjoint seed range
 
@@ -18,4 +20,4 @@ def world_document(i, split):
     return next(iter(pretraining_documents((VAL_OFFSET if split == "val" else 0) + i)))
 
 
-GENERATED = {"embedded": world_document, "reading": pretraining_text}
+GENERATED = {"embedded": world_document, "reading": pretraining_text, "recall": recall_document}

@@ -48,6 +48,11 @@ def build_task(name, args, split, seed=None):
         if split == "train":
             return reading_task(int(name[4:]), "train", args.stream_examples, args.seed if seed is None else seed)
         return reading_task(int(name[4:]), "heldout", args.eval_examples)
+    if name == "recall":   # key -> value recall drills (tasks.recall); held out: names never trained on
+        from tasks.recall import RecallDrills
+        if split == "train":
+            return RecallDrills("train", args.stream_examples, args.seed if seed is None else seed)
+        return RecallDrills("heldout", args.eval_examples)
     if name == "qa":
         from tasks.jsonl_qa import JsonlQA
         if not (args.qa and args.kb):
@@ -73,7 +78,7 @@ def build_task(name, args, split, seed=None):
     if name == "hotpotqa":
         from tasks.hotpotqa import HotpotQA
         return MultiHopRAGTask(HotpotQA(split="train" if train else "validation"), args.retriever, args.top_k)
-    raise ValueError(f"unknown task {name!r} in --mixture (world1..world4, read1..read3, qa, smoltalk, gsm8k, arc, mmlu, hotpotqa)")
+    raise ValueError(f"unknown task {name!r} in --mixture (world1..world4, read1..read3, recall, qa, smoltalk, gsm8k, arc, mmlu, hotpotqa)")
 
 
 def open_kb(kb_dir, retriever, embedding_model=None, query_encoder="tuned"):
