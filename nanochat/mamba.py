@@ -307,8 +307,11 @@ class MambaState:
 
 class Mamba2Mixer(nn.Module):
 
-    def __init__(self, d_model, d_state=64, d_conv=4, expand=2, headdim=32, ngroups=1, chunk_size=64, layer_idx=None):
+    def __init__(self, d_model, d_state=64, d_conv=4, expand=2, headdim=32, ngroups=1, chunk_size=64, layer_idx=None,
+                 init="default"):
         super().__init__()
+        assert init in ("default", "mimetic"), f"init must be default or mimetic, got {init!r}"
+        self.init = init  # what reset_parameters does: mamba_ssm's init, or that plus mimetic_init_
         self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
         self.d_inner = expand * d_model
         assert self.d_inner % headdim == 0, f"expand*d_model={self.d_inner} must be a multiple of headdim={headdim}"
@@ -331,7 +334,8 @@ class Mamba2Mixer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self, dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4, A_init_range=(1, 16)):
-        """mamba_ssm's init. Also safe after to_empty() from the meta device."""
+        """mamba_ssm's init (then mimetic_init_ if self.init == "mimetic"). Also safe after to_empty()
+        from the meta device."""
         # the optimizer reads this: no weight decay on the SSM dynamics. Set here as well as in
         # __init__ because moving parameters off the meta device can create new Parameter objects.
         for p in (self.dt_bias, self.A_log, self.D):
@@ -349,6 +353,40 @@ class Mamba2Mixer(nn.Module):
             self.A_log.copy_(torch.empty(self.nheads, device=device).uniform_(*A_init_range).log())
             self.D.fill_(1.0)
             self.norm.weight.fill_(1.0)
+        if self.init == "mimetic":
+            self.mimetic_init_()
+
+    @torch.no_grad()
+    def mimetic_init_(self, A_range=(1e-4, 1e-2), dt_range=(0.5, 1.0)):
+        """
+        Mimetic initialisation (Trockman et al. 2024, "Mimetic Initialization Helps State Space Models
+        Learn to Recall"): start the SSM close to linear attention with W_Q W_K^T ~ I, the form in which
+        attention learns recall easily. Only values change; names and shapes stay mamba_ssm's.
+        - decay ~ 1: A log-uniform in A_range and dt = softplus(dt_bias) uniform in dt_range, so the
+          per-token log-decay dt*A is 5e-5 ... 1e-2 (default init: 1e-3 ... 1.6, most heads forget within a few hundred tokens);
+          heads keep a spread of horizons, from ~100 tokens to the whole context;
+        - C = B: the C rows of in_proj are copies of the B rows, so W_C W_B^T = W_B W_B^T has a positive
+          diagonal and C_t . B_s is largest for tokens s like t (the query finds its own key);
+        - the conv near identity on B and C: weight 1 on the current token, bias 0, the default random
+          taps on the tokens before it, and C's taps copies of B's, so C = B holds after the conv too
+          (C_t . B_s then compares the windows ending at t and s, the current token foremost). On the
+          recall probe (bench/bench_recall.py) exact identity taps ([0, 0, 0, 1]) learned about half as
+          much: the earlier taps let B carry some of the previous token (the key before a value).
+        """
+        device = self.A_log.device
+        lo, hi = math.log(A_range[0]), math.log(A_range[1])
+        self.A_log.copy_(torch.rand(self.nheads, device=device) * (hi - lo) + lo)
+        dt = torch.empty(self.nheads, device=device).uniform_(*dt_range)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        gn = self.ngroups * self.d_state
+        b0 = 2 * self.d_inner  # in_proj rows: [z (d_inner) | x (d_inner) | B (gn) | C (gn) | dt (nheads)]
+        W = self.in_proj.weight
+        W[b0 + gn:b0 + 2 * gn] = W[b0:b0 + gn]
+        cb, cc = slice(self.d_inner, self.d_inner + gn), slice(self.d_inner + gn, self.conv_dim)  # conv: [x | B | C]
+        self.conv1d.weight[cb, :, -1] = 1.0
+        self.conv1d.weight[cc] = self.conv1d.weight[cb]
+        self.conv1d.bias[cb] = 0.0
+        self.conv1d.bias[cc] = 0.0
 
     def allocate_state(self, batch_size, device, dtype=torch.float32):
         conv = torch.zeros(batch_size, self.conv_dim, self.d_conv, device=device, dtype=dtype)

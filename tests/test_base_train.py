@@ -158,6 +158,24 @@ def test_hybrid_pattern_pretrain_then_chat(base_dir, parquet_dir):
     assert out.strip()
 
 
+def test_mamba_init_is_saved_and_old_checkpoints_load_as_default(base_dir, parquet_dir):
+    import json
+    from nanochat.checkpoint_manager import load_checkpoint, build_model
+    # (and the recall drills as pretraining data, mixed with the knowledge world)
+    check(run_module("scripts.base_train", *TINY, "--block-pattern", "MM", "--mamba-init", "mimetic",
+                     "--data", "embedded:1+recall:1", "--num-iterations", "2", "--model-tag", "mimetic", base_dir=base_dir))
+    ckpt = os.path.join(base_dir, "base_checkpoints", "mimetic")
+    state, _, meta = load_checkpoint(ckpt, 2, "cpu")
+    assert meta["model_config"]["mamba_init"] == "mimetic"
+    model = build_model(meta["model_config"], state, "cpu")
+    assert model.config.to_dict() == meta["model_config"]   # round-trips
+    assert torch.equal(model.state_dict()["transformer.h.0.mixer.A_log"], state["transformer.h.0.mixer.A_log"])
+    # a checkpoint from before the option has no key: it loads, as the default init
+    old = {k: v for k, v in meta["model_config"].items() if k != "mamba_init"}
+    assert build_model(old, state, "cpu").config.mamba_init == "default"
+    assert json.load(open(os.path.join(ckpt, "meta_000002.json")))["user_config"]["mamba_init"] == "mimetic"
+
+
 def test_tied_embeddings_stay_one_matrix_through_checkpoints_and_the_optimizer():
     from nanochat.gpt import GPT, config_from_depth
     from nanochat.checkpoint_manager import build_model

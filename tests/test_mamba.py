@@ -72,6 +72,55 @@ def test_init_ranges():
     assert dt.min() < math.log(3e-3) and dt.max() > math.log(3e-2)
 
 
+@pytest.mark.parametrize("ngroups", [1, 2])
+def test_mimetic_init_statistics(ngroups):
+    """Mimetic init (mamba.md): the documented decay, dt, C = B and conv ranges, with mamba_ssm's names and shapes."""
+    torch.manual_seed(0)
+    cfg = dict(d_model=256, d_state=16, headdim=8, ngroups=ngroups)   # 64 heads
+    default, m = Mamba2Mixer(**cfg), Mamba2Mixer(**cfg, init="mimetic")
+    assert {k: v.shape for k, v in m.state_dict().items()} == {k: v.shape for k, v in default.state_dict().items()}
+    A, dt = -torch.exp(m.A_log), F.softplus(m.dt_bias)
+    assert A.min() >= -1e-2 * (1 + 1e-5) and A.max() <= -1e-4 * (1 - 1e-5)
+    assert -A.max() < 3e-4 and -A.min() > 3e-3   # log-uniform: a spread of horizons
+    assert dt.min() >= 0.5 * (1 - 1e-5) and dt.max() <= 1.0 * (1 + 1e-5)
+    assert torch.exp(dt * A).min() > 0.98   # the state barely decays per token (default init: down to ~0.2)
+    for p in (m.dt_bias, m.A_log, m.D):
+        assert getattr(p, "_no_weight_decay", False)
+    # W_C W_B^T: large diagonal, ~0 off it (each C row is its B row); the rest of in_proj as default
+    gn, b0, d = ngroups * 16, 2 * m.d_inner, m.d_inner
+    W = m.in_proj.weight
+    WB, WC = W[b0:b0 + gn], W[b0 + gn:b0 + 2 * gn]
+    M = WC @ WB.T
+    diag, off = M.diag().mean(), (M - torch.diag(M.diag())).abs().mean()
+    assert diag > 10 * off, (diag, off)
+    assert W.abs().max() <= 1 / math.sqrt(m.d_model)
+    # conv on B and C near identity: current-token tap 1, bias 0, earlier taps within the default bound, C's = B's
+    w = m.conv1d.weight
+    assert torch.all(w[d:, 0, -1] == 1) and torch.all(m.conv1d.bias[d:] == 0)
+    assert w[d:, 0, :-1].abs().max() <= 0.5 and torch.equal(w[d:d + gn], w[d + gn:])
+    assert w[:d, 0, -1].abs().max() <= 0.5   # x channels keep the default init
+    # so the SSM's B and C are equal at every token
+    x = torch.randn(2, 20, 256)
+    xBC = m.in_proj(x)[..., d:d + m.conv_dim]
+    xBC = F.silu(causal_conv(xBC, m.conv1d.weight, m.conv1d.bias))
+    assert torch.equal(xBC[..., d:d + gn], xBC[..., d + gn:])
+
+
+def test_mimetic_init_in_the_gpt():
+    """config mamba_init reaches the mixers through the meta-device build, and init_weights keeps it."""
+    from nanochat.gpt import GPT, config_from_depth
+    config = config_from_depth(2, 64, 32, 32, 32, "TM", mamba_init="mimetic")
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    mixer = model.transformer.h[1].mixer
+    assert mixer.init == "mimetic" and -torch.exp(mixer.A_log).min() <= 1e-2
+    assert torch.all(mixer.out_proj.weight == 0)   # the residual branch still starts as identity
+    with pytest.raises(ValueError, match="mamba-init"):
+        config_from_depth(2, 64, 32, 32, 32, "TM", mamba_init="mimic")
+
+
 def test_init_after_meta_to_empty():
     # the GPT builds on the meta device, then to_empty() + init_weights(), which calls reset_parameters()
     with torch.device("meta"):
