@@ -31,6 +31,7 @@ class GPTConfig:
     mamba_expand: int = 2
     mamba_chunk_size: int = 64
     mamba_mlp: bool = True           # M blocks get an MLP after the mixer (Jamba, Samba, Nemotron-H)
+    mamba_init: str = "default"      # "mimetic": M mixers start near linear attention (Mamba2Mixer.mimetic_init_)
     logit_softcap: float = 15.0
     tie_embeddings: bool = False     # one matrix embeds tokens and scores them (see GPT.tie_weights)
     short_conv: int = 0              # T blocks: taps of a causal depthwise conv over the attention input (0: none)
@@ -44,6 +45,8 @@ class GPTConfig:
         if len(self.block_pattern) != self.n_layer:
             raise ValueError(f"--block-pattern {self.block_pattern!r} has {len(self.block_pattern)} letters "
                              f"but the model has {self.n_layer} layers (--depth)")
+        if self.mamba_init not in ("default", "mimetic"):
+            raise ValueError(f"--mamba-init must be default or mimetic, got {self.mamba_init!r}")
         if self.short_conv < 0 or self.short_conv == 1:
             raise ValueError(f"--short-conv is a number of taps >= 2 (or 0 for none), got {self.short_conv}")
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
@@ -158,7 +161,7 @@ class Block(nn.Module):
             from nanochat.mamba import Mamba2Mixer
             self.mixer = Mamba2Mixer(config.n_embd, d_state=config.mamba_d_state, expand=config.mamba_expand,
                                      headdim=config.mamba_headdim, chunk_size=config.mamba_chunk_size,
-                                     layer_idx=layer_idx)
+                                     layer_idx=layer_idx, init=config.mamba_init)
         self.mlp = MLP(config) if (self.kind == "T" or config.mamba_mlp) else None
         self.layer_idx = layer_idx
         # Each position's attention input also sees the few tokens before it (Allen-Zhu's "Canon"
@@ -274,6 +277,15 @@ class GPT(nn.Module):
         Returns logits (B, T, V) when targets is None, else the loss ("mean" or per-token "none"),
         and with with_hits also (B, T) bools: the argmax is the target (see supervised_loss).
         """
+        x = self.trunk(idx, cache, rows, lengths, seq_idx)
+        if targets is None:
+            return self.head(x)
+        loss, hits = self.supervised_loss(x, targets, loss_reduction)
+        return (loss, hits) if with_hits else loss
+
+    def trunk(self, idx, cache=None, rows=None, lengths=None, seq_idx=None):
+        """Final hidden states (B, T, C) before the head ((B, C) with lengths); arguments as forward's.
+        chat_sft --compile compiles this alone and keeps the sparse loss head eager."""
         B, T = idx.shape
         attn_mask = None
         if cache is not None:
@@ -298,10 +310,7 @@ class GPT(nn.Module):
             cache.advance(rows, T if lengths is None else lengths)
             if lengths is not None:   # only the last real token of each row is scored
                 x = x[torch.arange(B, device=x.device), lengths.to(x.device) - 1]
-        if targets is None:
-            return self.head(x)
-        loss, hits = self.supervised_loss(x, targets, loss_reduction)
-        return (loss, hits) if with_hits else loss
+        return x
 
     def head(self, x):
         """Final hidden states -> soft-capped logits (fp32)."""
