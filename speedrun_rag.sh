@@ -315,7 +315,7 @@ stage base base_checkpoints \
 stage sft chatsft_checkpoints \
     launch -m scripts.chat_sft --model-tag "$TAG" --block-pattern "$BLOCK_PATTERN" --curriculum "$SFT_CURRICULUM" \
     --num-iterations "$SFT_ITERS" --device-batch-size "$SFT_BATCH" --eval-every "$SFT_EVAL_EVERY" \
-    --eval-examples "$SFT_EVAL_EXAMPLES" --advance-em "$SFT_ADVANCE_EM" --seed "$SEED"
+    --eval-examples "$SFT_EVAL_EXAMPLES" --advance-em "$SFT_ADVANCE_EM" --seed "$SEED" $COMPILE
 stage rl chatrl_checkpoints \
     launch -m scripts.chat_rl --model-tag "$TAG" --block-pattern "$BLOCK_PATTERN" --curriculum "$RL_CURRICULUM" \
     --num-iterations "$RL_ITERS" --prompts-per-step "$RL_PROMPTS" --num-samples "$RL_SAMPLES" \

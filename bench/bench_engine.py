@@ -5,12 +5,15 @@ For each block pattern and batch size, in the same run:
   ceiling  bare forward: the model stepping B rows of one token through the same kind of cache,
            no sampling, no tools (what decoding could cost if the Engine were free)
   engine   Engine.generate: B samples of one prompt, temperature 1, tokens sampled per second
-and their ratio. Then, given a trained chat model (--base-dir, e.g. a speedrun's run directory),
-the RL rollout seconds per step at the speedrun's settings: one question at a time (how chat_rl
-worked before) vs every question of the step in one Engine run (how it works now).
+and their ratio; with --compile also the bare forward under torch.compile (dynamic shapes; the
+Engine itself does not compile, see docs/benchmarks.md). Then, given a trained chat model
+(--base-dir, e.g. a speedrun's run directory), the RL rollout seconds per step at the speedrun's
+settings: one question at a time (how chat_rl worked before) vs every question of the step in one
+Engine run (how it works now).
 
     python -m bench.bench_engine                                      # random models, the speedrun's size
     python -m bench.bench_engine --base-dir runs/cpu_d4 --source rl   # + RL rollouts of that model
+    python -m bench.bench_engine --compile                            # + the compiled bare forward
 """
 import os
 import time
@@ -30,6 +33,7 @@ parser.add_argument("--vocab-size", type=int, default=4096)
 parser.add_argument("--prompt-tokens", type=int, default=256, help="prompt length (the cache the decode steps attend to)")
 parser.add_argument("--decode-tokens", type=int, default=64, help="tokens decoded per row in each measurement")
 parser.add_argument("--repeats", type=int, default=3, help="measurements per cell; the best is reported")
+parser.add_argument("--compile", action="store_true", help="also time the bare forward compiled (torch.compile, dynamic shapes)")
 parser.add_argument("--base-dir", default=None, help="a run directory with a chat checkpoint: also time RL rollouts")
 parser.add_argument("--source", default="rl", choices=["sft", "rl"], help="which checkpoint of --base-dir")
 parser.add_argument("--curriculum", default="world3:0.7+read1:0.3", help="RL prompts (the CPU speedrun's)")
@@ -66,7 +70,8 @@ def random_model(pattern):
 
 
 @torch.no_grad()
-def ceiling(model, batch):
+def ceiling(model, batch, forward=None):
+    forward = model if forward is None else forward
     prompt = torch.randint(0, args.vocab_size - 16, (1, args.prompt_tokens))
     cache = InferenceCache(model, batch, args.prompt_tokens + args.decode_tokens + 8)
     for b in range(batch):
@@ -74,7 +79,7 @@ def ceiling(model, batch):
     x = torch.randint(0, args.vocab_size - 16, (batch, 1))
     t0 = time.perf_counter()
     for _ in range(args.decode_tokens):
-        model(x, cache=cache)
+        forward(x, cache=cache)
     return batch * args.decode_tokens / (time.perf_counter() - t0)
 
 
@@ -92,15 +97,24 @@ def engine_decode(model, tok, batch):
 
 print(f"threads {torch.get_num_threads()}, width = depth x {args.aspect_ratio}, vocab {args.vocab_size}, "
       f"prompt {args.prompt_tokens} tokens, {args.decode_tokens} decoded per row, best of {args.repeats}")
-print("| pattern | batch | bare forward tokens/s | Engine decode tokens/s | Engine / ceiling |")
-print("|---|---|---|---|---|")
+extra = " compiled bare forward tokens/s | compiled / eager | compiling s |" if args.compile else ""
+print("| pattern | batch | bare forward tokens/s | Engine decode tokens/s | Engine / ceiling |" + extra)
+print("|---|---|---|---|---|" + "---|---|---|" * args.compile)
 for pattern in args.patterns:
     model = random_model(pattern.upper())
     tok = Tok(args.vocab_size)
+    compiled = torch.compile(model, dynamic=True) if args.compile else None
     for batch in args.batch_sizes:
         top = max(ceiling(model, batch) for _ in range(args.repeats))
         eng = max(engine_decode(model, tok, batch) for _ in range(args.repeats))
-        print(f"| {pattern} | {batch} | {top:,.0f} | {eng:,.0f} | {eng / top:.0%} |", flush=True)
+        line = f"| {pattern} | {batch} | {top:,.0f} | {eng:,.0f} | {eng / top:.0%} |"
+        if compiled is not None:
+            t0 = time.perf_counter()
+            ceiling(model, batch, compiled)   # compiles for this batch size
+            compiling = time.perf_counter() - t0
+            fast = max(ceiling(model, batch, compiled) for _ in range(args.repeats))
+            line += f" {fast:,.0f} | {fast / top:.2f}x | {compiling:.1f} |"
+        print(line, flush=True)
 
 if args.base_dir:
     os.environ["NANOCHAT_BASE_DIR"] = os.path.abspath(args.base_dir)

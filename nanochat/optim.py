@@ -62,7 +62,9 @@ def setup_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.0
         dict(params=groups["other"], lr=other_lr, weight_decay=0.0),
     ]
     adam_groups = [g for g in adam_groups if g["params"]]   # tied embeddings: no separate embedding group
-    adamw = torch.optim.AdamW(adam_groups, betas=betas, eps=1e-10, fused=False)
+    # on CUDA one fused kernel updates every AdamW parameter; the CPU keeps the plain (for-loop) update
+    fused = all(p.is_cuda for g in adam_groups for p in g["params"])
+    adamw = torch.optim.AdamW(adam_groups, betas=betas, eps=1e-10, fused=fused)
     optimizers = [adamw]
     if groups["matrix"]:
         optimizers.append(Muon(groups["matrix"], lr=matrix_lr))

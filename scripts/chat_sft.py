@@ -100,7 +100,7 @@ parser.add_argument("--patience", type=int, default=None,
                     help="stop after this many evaluations without a better mean held-out EM, and keep the best one "
                          "(default: 3 with --qa, 0 = off otherwise)")
 parser.add_argument("--compile", action="store_true",
-                    help="torch.compile the model's trunk for training steps (CPU: ~15%% faster steps after ~10 s of compiling; "
+                    help="torch.compile the model's trunk for training steps (CPU: ~1.2x faster steps after 20-80 s of compiling; "
                          "off by default so short runs and tests start at once)")
 parser.add_argument("--device-type", default="", help="cuda | mps | cpu (default: autodetect)")
 parser.add_argument("--run", default="dummy", help="wandb run name ('dummy' disables wandb)")
