@@ -25,6 +25,7 @@ usage() {
     echo
     echo "flags: --smoke | --gpu | --cpu | --fresh | --block-pattern P | --run-dir DIR | -h"
     echo "env:   BLOCK_PATTERN, RUN_DIR, NPROC (processes per training stage), SEED (fine-tuning streams), NANOCHAT_BASE_DIR (download cache),"
+    echo "       QUERY_POSITION (after | before | both: the question relative to its documents, chat_sft --query-position),"
     echo "       BASE_ITERS, SFT_ITERS, RL_ITERS (override the mode's step counts, e.g. a longer SFT for a Mamba pattern)"
 }
 
@@ -146,6 +147,7 @@ RUN_DIR="$(cd "$RUN_DIR" && pwd)"
 SHOW_DIR="${RUN_DIR#"$PWD"/}"   # as typed from the repo root, when it is inside it
 export NANOCHAT_BASE_DIR="$RUN_DIR"
 SEED="${SEED:-0}"   # seed of SFT's (and, plus one, RL's) example streams: another SEED is a replicate of fine-tuning
+QUERY_POSITION="${QUERY_POSITION:-after}"   # where questions go relative to their documents (saved with the model)
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}"
 export PYTHONUNBUFFERED=1
 echo "speedrun: mode $MODE, model $TAG (pattern $BLOCK_PATTERN), $NPROC process(es) x $OMP_NUM_THREADS thread(s), run dir $SHOW_DIR"
@@ -315,7 +317,7 @@ stage base base_checkpoints \
 stage sft chatsft_checkpoints \
     launch -m scripts.chat_sft --model-tag "$TAG" --block-pattern "$BLOCK_PATTERN" --curriculum "$SFT_CURRICULUM" \
     --num-iterations "$SFT_ITERS" --device-batch-size "$SFT_BATCH" --eval-every "$SFT_EVAL_EVERY" \
-    --eval-examples "$SFT_EVAL_EXAMPLES" --advance-em "$SFT_ADVANCE_EM" --seed "$SEED" $COMPILE
+    --eval-examples "$SFT_EVAL_EXAMPLES" --advance-em "$SFT_ADVANCE_EM" --seed "$SEED" --query-position "$QUERY_POSITION" $COMPILE
 stage rl chatrl_checkpoints \
     launch -m scripts.chat_rl --model-tag "$TAG" --block-pattern "$BLOCK_PATTERN" --curriculum "$RL_CURRICULUM" \
     --num-iterations "$RL_ITERS" --prompts-per-step "$RL_PROMPTS" --num-samples "$RL_SAMPLES" \
