@@ -21,7 +21,6 @@ text likely (saved as query_encoder/ beside the checkpoint).
 For the knowledge world, `python -m tasks.knowledge_world --out DIR --realm` writes such a corpus:
 the KB is the world's articles, the text is questions about them.
 """
-import os
 import time
 import math
 import argparse
@@ -182,7 +181,7 @@ if args.marginalize:
     # REALM: a trainable query encoder over the KB's frozen document embeddings; evaluation reads its top chunks too
     import numpy as np
     from nanochat.retrieval.dense import resolve_model
-    from nanochat.retrieval.query_encoder import load_encoder
+    from nanochat.retrieval.query_encoder import load_encoder, save_beside_checkpoint
     from nanochat.retriever_training import realm_loss
     encoder = load_encoder(resolve_model(kb.kb.manifest["dense"]["model"])[0], device)
     kb.retriever.query_model = encoder
@@ -251,13 +250,8 @@ def save(step, val_bpb):
             "loader_state": loader_states, "loop_state": {"total_train_time": total_train_time}, "phase": "base"}
     save_checkpoint(ckpt_dir, step, model.state_dict(), [o.state_dict() for o in optimizers], meta, rank)
     print0(f"saved checkpoint step {step} to {ckpt_dir}")
-    if args.marginalize and master:   # the encoder trained with it (sentence-transformers safetensors), replaced by rename
-        import shutil
-        final, tmp = os.path.join(ckpt_dir, "query_encoder"), os.path.join(ckpt_dir, ".query_encoder.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        encoder.save(tmp, safe_serialization=True)
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
+    if args.marginalize and master:
+        print0(f"saved the query encoder trained with it in {save_beside_checkpoint(encoder, ckpt_dir)}")
 
 
 # -----------------------------------------------------------------------------

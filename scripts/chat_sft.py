@@ -184,7 +184,7 @@ if args.marginalize:
     import numpy as np
     from nanochat.retrieval import RetrievalManager
     from nanochat.retrieval.dense import resolve_model
-    from nanochat.retrieval.query_encoder import load_encoder, encoder_path, save_encoder
+    from nanochat.retrieval.query_encoder import load_encoder, encoder_path, save_encoder, save_beside_checkpoint
     from nanochat.retriever_training import rag_loss, embed_eval, retrieval_metrics
     from tasks.rag import RAGTask
     try:
@@ -377,14 +377,7 @@ if args.marginalize:
 save_checkpoint(ckpt_dir, step, model.state_dict(), None, meta_out, rank)
 print0(f"saved {ckpt_dir} step {step}")
 if args.marginalize and master:
-    # the encoder the generator was trained with, beside it (sentence-transformers safetensors; replaced by rename)
-    import shutil
-    final, tmp = os.path.join(ckpt_dir, "query_encoder"), os.path.join(ckpt_dir, ".query_encoder.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    encoder.save(tmp, safe_serialization=True)
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(tmp, final)
-    print0(f"saved the query encoder in {final}")
+    print0(f"saved the query encoder the generator was trained with in {save_beside_checkpoint(encoder, ckpt_dir)}")
     if args.encoder_to_kb:
         keep = ("recall@1", "recall@5", "mrr@10", "entropy", "distinct_top1")
         info = {"objective": f"rag-{args.marginalize}", "base_model": kb.kb.manifest["dense"]["model"], "steps": step,

@@ -35,6 +35,17 @@ def load_encoder(path, device=None):
     return SentenceTransformer(path, device=device)
 
 
+def save_beside_checkpoint(model, ckpt_dir):
+    """A query encoder trained with a generator (chat_sft / base_train --marginalize), saved as
+    ckpt_dir/query_encoder (sentence-transformers' safetensors), replacing the previous one by rename."""
+    final, tmp = os.path.join(ckpt_dir, "query_encoder"), os.path.join(ckpt_dir, ".query_encoder.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save(tmp, safe_serialization=True)
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    return final
+
+
 def save_encoder(kb_dir, model, info, metrics_rows=()):
     """Write `model` into the KB as its query encoder, `info` under manifest["query_encoder"].
     Returns the encoder's directory."""
