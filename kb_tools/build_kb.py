@@ -1,12 +1,13 @@
 """
-Build a knowledge base directory from .jsonl / .txt / .md files (or directories of them),
+Build a knowledge base directory from .jsonl / .txt / .md / .parquet files (or directories of them),
 or add new documents to an existing one.
 
     python -m kb_tools.build_kb --input data/wiki.jsonl notes/ --out kb/wiki
     python -m kb_tools.build_kb --input more.jsonl --out kb/wiki --add      # only new chunks are embedded
 
 .jsonl lines are {"id", "title", "text"} (title optional, extra keys kept as metadata); a .txt/.md
-file is one document whose id is its path relative to the directory given. Documents are split
+file is one document whose id is its path relative to the directory given; a .parquet file (pretraining
+shards, e.g. for base_train --retrieval-augment) gives one document per row of its `text` column. Documents are split
 into chunks of --chunk-words words overlapping by --overlap; every chunk keeps its doc_id.
 Documents repeating an earlier id, or an earlier text, or whose text is empty, are dropped and
 counted (the summary names the first empty ones by file:line).
@@ -23,7 +24,7 @@ import argparse
 from kb_tools import die
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--input", nargs="+", required=True, metavar="PATH", help=".jsonl/.txt/.md files or directories")
+parser.add_argument("--input", nargs="+", required=True, metavar="PATH", help=".jsonl/.txt/.md/.parquet files or directories")
 parser.add_argument("--out", required=True, metavar="KB_DIR", help="knowledge base directory to create, replace or add to")
 parser.add_argument("--add", action="store_true", help="add the inputs' new documents to the existing KB at --out")
 parser.add_argument("--retrievers", default=None,

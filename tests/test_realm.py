@@ -165,3 +165,19 @@ def test_base_train_retrieval_augment_cli(trained_base, world_kb, tmp_path):
     proc = run_module("scripts.base_train", *TINY_MODEL, "--data", str(data), "--retrieval-augment", "2", base_dir=base)
     lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
     assert proc.returncode != 0 and len(lines) == 1 and "--retrieval-augment needs --kb" in lines[0], proc.stderr
+
+
+def test_kb_from_parquet_shards(tmp_path, world_kb):
+    """Online users build the neighbours' KB from their pretraining shards: one document per row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    world, _ = world_kb
+    texts = [doc["text"] for doc in world.documents()]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "shard_00000.parquet")
+    build_kb([str(tmp_path)], str(tmp_path / "kb"), retrievers=["bm25"], show_progress=False, log=lambda *a: None)
+    kb = RetrievalManager(str(tmp_path / "kb"), retriever="bm25")
+    assert len(kb.documents) == len(texts) and kb.documents[0].id == "shard_00000.parquet:1"
+    assert kb.search(texts[3], 1)[0].document.text == texts[3]
+    pq.write_table(pa.table({"body": texts}), tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match="bad.parquet: no 'text' column"):
+        build_kb([str(tmp_path / "bad.parquet")], str(tmp_path / "kb2"), show_progress=False, log=lambda *a: None)

@@ -125,11 +125,12 @@ def chunk_document(doc, chunk_words, overlap):
 
 
 # -----------------------------------------------------------------------------
-# Reading inputs: .jsonl ({"id", "title", "text"}), .txt, .md, or directories of them.
+# Reading inputs: .jsonl ({"id", "title", "text"}), .txt, .md, .parquet (a `text` column, as
+# pretraining shards have; `id`/`title` columns when present), or directories of them.
 # Every problem is a ValueError whose message starts with file:line. A document with empty
 # text is no problem here: it is yielded like any other, and build_kb drops and counts it.
 
-INPUT_EXTENSIONS = (".jsonl", ".txt", ".md")
+INPUT_EXTENSIONS = (".jsonl", ".txt", ".md", ".parquet")
 
 
 def list_input_files(paths):
@@ -183,6 +184,26 @@ def _read_jsonl(path):
             yield Document(id=str(obj["id"]), title=obj.get("title", ""), text=obj["text"], metadata=metadata)
 
 
+def _read_parquet(path):
+    """One document per row; id: the `id` column, else `<file name>:<row>` (rows count from 1, like lines)."""
+    import pyarrow.parquet as pq
+    try:
+        table = pq.read_table(path)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable parquet file ({e})") from None
+    if "text" not in table.column_names:
+        raise ValueError(f"{path}: no 'text' column (columns: {', '.join(table.column_names)})")
+    texts = table.column("text").to_pylist()
+    ids = table.column("id").to_pylist() if "id" in table.column_names else None
+    titles = table.column("title").to_pylist() if "title" in table.column_names else None
+    for row, text in enumerate(texts, 1):
+        if not isinstance(text, str):
+            raise ValueError(f"{path}:{row}: 'text' must be a string")
+        doc_id = str(ids[row - 1]) if ids else f"{os.path.basename(path)}:{row}"
+        yield Document(id=doc_id, title=(titles[row - 1] or "") if titles else "", text=text,
+                       metadata={"source": f"{path}:{row}"})
+
+
 def _read_text_file(path, root):
     with open(path, "rb") as f:
         raw = f.read()
@@ -208,6 +229,8 @@ def read_documents(paths):
         for file in list_input_files([path]):
             if file.endswith(".jsonl"):
                 yield from _read_jsonl(file)
+            elif file.endswith(".parquet"):
+                yield from _read_parquet(file)
             else:
                 yield _read_text_file(file, root)
 
