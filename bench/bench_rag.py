@@ -35,20 +35,16 @@ args = parser.parse_args()
 def one_setting(k, mode):
     """ms per step and peak memory of one setting; mode 'frozen' = plain SFT on the top document."""
     import torch
-    import numpy as np
     from nanochat.common import compute_init
     from nanochat.checkpoint_manager import load_model, find_model_tag
     from nanochat.optim import setup_optimizers, step_optimizers
     from nanochat.retrieval import RetrievalManager
-    from nanochat.retrieval.dense import resolve_model
-    from nanochat.retrieval.query_encoder import load_encoder
-    from nanochat.retriever_training import rag_loss
+    from nanochat.retriever_training import rag_loss, trainable_query_side
     from tasks.jsonl_qa import read_qa_jsonl
     _, _, _, _, device = compute_init("")
     model, tokenizer, _ = load_model(args.source, device, phase="train", model_tag=args.model_tag or find_model_tag(args.source))
     kb = RetrievalManager(args.kb, retriever="dense", query_encoder="base")
-    encoder = load_encoder(resolve_model(kb.kb.manifest["dense"]["model"])[0], device)
-    doc_emb = torch.from_numpy(np.asarray(kb.retriever.embeddings, dtype=np.float32)).to(device)
+    encoder, doc_emb = trainable_query_side(kb, device)
     rows = read_qa_jsonl(args.qa)
     optimizers = setup_optimizers(model)
     encoder.requires_grad_(mode != "frozen")

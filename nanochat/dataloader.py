@@ -50,14 +50,14 @@ class PretrainLoader:
 # Retrieval-augmented pretraining (In-Context RALM / REALM): each sequence is read after the
 # documents a retriever finds for the text just before it
 
-def _flat(text):
+def flat_text(text):
     return " ".join(text.split())
 
 
 def from_source(chunk, parent_text, source_text):
     """True when a retrieved chunk comes from the training document itself (compared by text, so
     any KB built from the same documents is recognised, whatever its ids or chunking)."""
-    chunk_text, parent = _flat(chunk.text), _flat(parent_text)
+    chunk_text, parent = flat_text(chunk.text), flat_text(parent_text)
     return bool(chunk_text) and (chunk_text in source_text or parent in source_text or source_text in parent)
 
 
@@ -115,7 +115,7 @@ class NeighbourLoader:
         cut = [(i, text, piece) for i in docs for text in [self.source.get(i)] for piece in self._cut(text)]
         results = self.retriever.search_batch([q for _, _, (q, _, _) in cut], self.k + 8) if self.k else [[] for _ in cut]
         for (i, text, (query, query_ids, seq)), found in zip(cut, results):
-            source_text = _flat(text)
+            source_text = flat_text(text)
             keep = [r.document for r in found
                     if not from_source(r.document, self.parent_text.get(r.document.doc_id, ""), source_text)]
             self.units.append((i, query, [self.bos] + query_ids, seq, keep[:self.k]))

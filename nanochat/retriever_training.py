@@ -32,6 +32,19 @@ def embed(encoder, texts, device):
     return F.normalize(encoder(features)["sentence_embedding"], dim=-1)
 
 
+def trainable_query_side(kb, device, start="base"):
+    """(encoder, doc_emb) for training a dense KB's query side: a private, trainable copy of the
+    query encoder (start "base": the model the documents were embedded with; "tuned": the KB's
+    trained encoder when it has one) and the frozen document embeddings as a (N, D) tensor.
+    kb: a RetrievalManager opened with retriever="dense"."""
+    from nanochat.retrieval.dense import resolve_model
+    from nanochat.retrieval.query_encoder import load_encoder, encoder_path
+    tuned = encoder_path(kb.kb_dir, kb.kb.manifest) if start == "tuned" else None
+    encoder = load_encoder(tuned or resolve_model(kb.kb.manifest["dense"]["model"])[0], device)
+    doc_emb = torch.from_numpy(np.asarray(kb.retriever.embeddings, dtype=np.float32)).to(device)
+    return encoder, doc_emb
+
+
 @torch.no_grad()
 def embed_eval(encoder, texts, device, batch_size=64):
     was_training = encoder.training
@@ -164,13 +177,13 @@ def realm_loss(model, encoder, doc_emb, chunks, parent_text, loader, units, k, t
     after each of the k chunks the query encoder ranks highest for its query (never one of its own
     document's), one row per chunk; loss = -log sum_d p(d|query) p(sequence|d, query) over the
     sequence's tokens, per token of the batch. Returns (loss, stats)."""
-    from nanochat.dataloader import from_source, _flat
+    from nanochat.dataloader import from_source, flat_text
     q = embed(encoder, [u[1] for u in units], device)
     cos = q @ doc_emb.T
     ranked = torch.topk(cos.detach(), min(k + 8, cos.shape[1]), dim=1).indices.tolist()
     picked = []
     for unit, row in zip(units, ranked):
-        source = _flat(loader.source.get(unit[0]))
+        source = flat_text(loader.source.get(unit[0]))
         keep = [c for c in row if not from_source(chunks[c], parent_text.get(chunks[c].doc_id, ""), source)][:k]
         if len(keep) < k:
             raise ValueError(f"only {len(keep)} of {k + 8} retrieved chunks are not from the sequence's own document")

@@ -179,13 +179,10 @@ if args.kb:
     eval_k = args.retrieval_augment or 3
 if args.marginalize:
     # REALM: a trainable query encoder over the KB's frozen document embeddings; evaluation reads its top chunks too
-    import numpy as np
-    from nanochat.retrieval.dense import resolve_model
-    from nanochat.retrieval.query_encoder import load_encoder, save_beside_checkpoint
-    from nanochat.retriever_training import realm_loss
-    encoder = load_encoder(resolve_model(kb.kb.manifest["dense"]["model"])[0], device)
+    from nanochat.retrieval.query_encoder import save_beside_checkpoint
+    from nanochat.retriever_training import realm_loss, trainable_query_side
+    encoder, doc_emb = trainable_query_side(kb, device)
     kb.retriever.query_model = encoder
-    doc_emb = torch.from_numpy(np.asarray(kb.retriever.embeddings, dtype=np.float32)).to(device)
     encoder_opt = torch.optim.AdamW(encoder.parameters(), lr=args.encoder_lr, weight_decay=0.01)
 
 

@@ -181,21 +181,17 @@ print0(f"held-out eval: {', '.join(eval_tasks)}")
 encoder_opt = None
 if args.marginalize:
     # RAG: a trainable copy of the KB's query encoder; the documents keep their frozen embeddings
-    import numpy as np
     from nanochat.retrieval import RetrievalManager
-    from nanochat.retrieval.dense import resolve_model
-    from nanochat.retrieval.query_encoder import load_encoder, encoder_path, save_encoder, save_beside_checkpoint
-    from nanochat.retriever_training import rag_loss, embed_eval, retrieval_metrics
+    from nanochat.retrieval.query_encoder import save_encoder, save_beside_checkpoint
+    from nanochat.retriever_training import rag_loss, embed_eval, retrieval_metrics, trainable_query_side
     from tasks.rag import RAGTask
     try:
         kb = RetrievalManager(args.kb, retriever="dense", query_encoder="base")
     except (ValueError, FileNotFoundError) as e:
         die(f"--marginalize: {e}")
     chunks = kb.chunks
-    tuned = encoder_path(args.kb, kb.kb.manifest) if args.query_encoder == "tuned" else None
-    encoder = load_encoder(tuned or resolve_model(kb.kb.manifest["dense"]["model"])[0], device)
+    encoder, doc_emb = trainable_query_side(kb, device, args.query_encoder)
     kb.retriever.query_model = encoder   # held-out retrieval reads the encoder as it trains
-    doc_emb = torch.from_numpy(np.asarray(kb.retriever.embeddings, dtype=np.float32)).to(device)
     encoder.requires_grad_(args.encoder_lr > 0)
     encoder_opt = torch.optim.AdamW(encoder.parameters(), lr=args.encoder_lr, weight_decay=0.01) if args.encoder_lr > 0 else None
     heldout_qa = eval_tasks["qa"].base
@@ -218,7 +214,8 @@ if args.marginalize:
         die(f"--marginalize: {len(train_rows)} training questions, fewer than --device-batch-size x processes")
     batches = question_batches()
     print0(f"RAG-{args.marginalize.capitalize()}: {len(train_rows):,} training questions x {args.marginal_k} documents, "
-           f"query encoder {'tuned' if tuned else 'base'} ({kb.kb.manifest['dense']['model']}), {len(chunks):,} chunks")
+           f"query encoder {'tuned' if args.query_encoder == 'tuned' and kb.kb.manifest.get('query_encoder') else 'base'} "
+           f"({kb.kb.manifest['dense']['model']}), {len(chunks):,} chunks")
 
 
 @torch.no_grad()

@@ -36,12 +36,11 @@ import random
 import hashlib
 import argparse
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from nanochat.common import compute_init, die, print0
-from nanochat.retriever_training import embed, embed_eval, contrastive_loss, lsr_loss, answer_scores, retrieval_metrics
+from nanochat.retriever_training import embed, embed_eval, contrastive_loss, lsr_loss, answer_scores, retrieval_metrics, trainable_query_side
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--kb", required=True, metavar="KB_DIR", help="knowledge base with a dense index (kb_tools.build_kb)")
@@ -93,8 +92,7 @@ t_start = time.time()
 # The KB (documents frozen: embeddings.npy is read, never written) and the questions
 
 from nanochat.retrieval import RetrievalManager  # noqa: E402
-from nanochat.retrieval.dense import resolve_model  # noqa: E402
-from nanochat.retrieval.query_encoder import load_encoder, save_encoder  # noqa: E402
+from nanochat.retrieval.query_encoder import save_encoder  # noqa: E402
 from tasks.jsonl_qa import read_qa_jsonl, split_by_document  # noqa: E402
 
 try:
@@ -131,8 +129,7 @@ if args.heldout_out:
 
 _, _, _, _, device = compute_init(args.device_type)
 base_model = kb.kb.manifest["dense"]["model"]
-encoder = load_encoder(resolve_model(base_model)[0], device)   # a private copy: the retrievers' cached model stays base
-doc_emb = torch.from_numpy(np.asarray(kb.retriever.embeddings, dtype=np.float32)).to(device)
+encoder, doc_emb = trainable_query_side(kb, device)   # a private copy: the retrievers' cached model stays base
 
 teacher = None
 if args.objective == "lsr":
