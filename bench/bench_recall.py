@@ -8,8 +8,8 @@ A tiny model is trained from scratch on tasks.recall.mqar_batch (key -> value pa
 of the keys; the loss is on the answers only), once per LR, and the table gives the held-out
 recall accuracy (answers whose argmax is the value) after the last step:
 
-    OMP_NUM_THREADS=1 python -m bench.bench_recall --patterns TTTT,MMMM --inits default,mimetic   # ~4 CPU-minutes
-    OMP_NUM_THREADS=1 python -m bench.bench_recall --patterns TMTM --inits mimetic --lrs 0.5,1,2
+    OMP_NUM_THREADS=1 python -m bench.bench_recall --patterns TTTT,MMMM   # ~5 CPU-minutes
+    OMP_NUM_THREADS=1 python -m bench.bench_recall --patterns TMTM --inits induction --lrs 0.5,1,2
 
 --lrs are multiples of base_train's learning rates (Muon 0.02 for block matrices; AdamW 0.2
 embedding, 0.004 head, 0.004 Mamba conv/dt/A/D/norm), all scaled together. Each run uses the same
@@ -27,7 +27,7 @@ from tasks.recall import mqar_batch
 
 parser = argparse.ArgumentParser(description="learning-rate sweep on associative recall (MQAR) per block pattern and Mamba init")
 parser.add_argument("--patterns", default="TTTT,MMMM", help="comma list of block patterns (one letter per layer)")
-parser.add_argument("--inits", default="default,mimetic", help="comma list of Mamba inits (patterns without M run once)")
+parser.add_argument("--inits", default="default,mimetic,induction", help="comma list of Mamba inits (patterns without M run once)")
 parser.add_argument("--lrs", default="1,2,4,8,16", help="comma list of multipliers of base_train's learning rates")
 parser.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
 parser.add_argument("--batch-size", type=int, default=32, help="sequences per step")

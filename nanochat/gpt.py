@@ -9,7 +9,6 @@ Inference uses an InferenceCache with one slot per layer (KV for T, conv+SSM sta
 and a length per row, so the Engine can advance rows independently: a retrieved document
 block is prefilled into one row in a single forward while the other rows wait.
 """
-import math
 from dataclasses import dataclass, asdict
 
 import torch
@@ -31,7 +30,7 @@ class GPTConfig:
     mamba_expand: int = 2
     mamba_chunk_size: int = 64
     mamba_mlp: bool = True           # M blocks get an MLP after the mixer (Jamba, Samba, Nemotron-H)
-    mamba_init: str = "default"      # "mimetic": M mixers start near linear attention (Mamba2Mixer.mimetic_init_)
+    mamba_init: str = "default"      # mimetic | induction: M mixers start near linear attention (Mamba2Mixer.mimetic_init_)
     logit_softcap: float = 15.0
     tie_embeddings: bool = False     # one matrix embeds tokens and scores them (see GPT.tie_weights)
     short_conv: int = 0              # T blocks: taps of a causal depthwise conv over the attention input (0: none)
@@ -45,8 +44,9 @@ class GPTConfig:
         if len(self.block_pattern) != self.n_layer:
             raise ValueError(f"--block-pattern {self.block_pattern!r} has {len(self.block_pattern)} letters "
                              f"but the model has {self.n_layer} layers (--depth)")
-        if self.mamba_init not in ("default", "mimetic"):
-            raise ValueError(f"--mamba-init must be default or mimetic, got {self.mamba_init!r}")
+        from nanochat.mamba import MAMBA_INITS
+        if self.mamba_init not in MAMBA_INITS:
+            raise ValueError(f"--mamba-init must be one of {', '.join(MAMBA_INITS)}, got {self.mamba_init!r}")
         if self.short_conv < 0 or self.short_conv == 1:
             raise ValueError(f"--short-conv is a number of taps >= 2 (or 0 for none), got {self.short_conv}")
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:

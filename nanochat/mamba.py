@@ -305,12 +305,16 @@ class MambaState:
 # The mixer
 
 
+MAMBA_INITS = ("default", "mimetic", "induction")   # reset_parameters: mamba_ssm's, + mimetic_init_, + its B shift
+
+
 class Mamba2Mixer(nn.Module):
 
     def __init__(self, d_model, d_state=64, d_conv=4, expand=2, headdim=32, ngroups=1, chunk_size=64, layer_idx=None,
                  init="default"):
         super().__init__()
-        assert init in ("default", "mimetic"), f"init must be default or mimetic, got {init!r}"
+        assert init in MAMBA_INITS, f"init must be one of {', '.join(MAMBA_INITS)}, got {init!r}"
+        assert init != "induction" or d_conv >= 2, "the induction init shifts B by one token: it needs d_conv >= 2"
         self.init = init  # what reset_parameters does: mamba_ssm's init, or that plus mimetic_init_
         self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
         self.d_inner = expand * d_model
@@ -341,6 +345,10 @@ class Mamba2Mixer(nn.Module):
         for p in (self.dt_bias, self.A_log, self.D):
             p._no_weight_decay = True
         self.dt_bias._no_reinit = True
+        # Muon orthogonalises in_proj's row blocks one at a time (z, x, B, C, dt: five projections in
+        # one matrix, as attention's q, k, v are three); jointly, the blocks' updates are coupled
+        gn = self.ngroups * self.d_state
+        self.in_proj.weight._muon_splits = [self.d_inner, self.d_inner, gn, gn, self.nheads]
         with torch.no_grad():
             self.in_proj.reset_parameters()
             self.conv1d.reset_parameters()
@@ -353,11 +361,11 @@ class Mamba2Mixer(nn.Module):
             self.A_log.copy_(torch.empty(self.nheads, device=device).uniform_(*A_init_range).log())
             self.D.fill_(1.0)
             self.norm.weight.fill_(1.0)
-        if self.init == "mimetic":
-            self.mimetic_init_()
+        if self.init != "default":
+            self.mimetic_init_(shift_b=self.init == "induction")
 
     @torch.no_grad()
-    def mimetic_init_(self, A_range=(1e-4, 1e-2), dt_range=(0.5, 1.0)):
+    def mimetic_init_(self, A_range=(1e-4, 1e-2), dt_range=(0.5, 1.0), shift_b=False):
         """
         Mimetic initialisation (Trockman et al. 2024, "Mimetic Initialization Helps State Space Models
         Learn to Recall"): start the SSM close to linear attention with W_Q W_K^T ~ I, the form in which
@@ -372,6 +380,11 @@ class Mamba2Mixer(nn.Module):
           (C_t . B_s then compares the windows ending at t and s, the current token foremost). On the
           recall probe (bench/bench_recall.py) exact identity taps ([0, 0, 0, 1]) learned about half as
           much: the earlier taps let B carry some of the previous token (the key before a value).
+        shift_b (init "induction", our variant, not the paper's): B's conv reads only the previous token
+        and C's only the current one (taps [0, 0, 1, 0] and [0, 0, 0, 1]), so C_t . B_s is largest when
+        token t equals token s-1 and the state returns x_s, the token that followed an earlier copy of
+        the current one: an induction head (key, then value) in one layer. On the probe it learns
+        recall at every LR where mimetic learns it partly and in a ragged window (docs/mamba.md).
         """
         device = self.A_log.device
         lo, hi = math.log(A_range[0]), math.log(A_range[1])
@@ -387,6 +400,11 @@ class Mamba2Mixer(nn.Module):
         self.conv1d.weight[cc] = self.conv1d.weight[cb]
         self.conv1d.bias[cb] = 0.0
         self.conv1d.bias[cc] = 0.0
+        if shift_b:
+            self.conv1d.weight[cb] = 0.0
+            self.conv1d.weight[cb, :, -2] = 1.0
+            self.conv1d.weight[cc] = 0.0
+            self.conv1d.weight[cc, :, -1] = 1.0
 
     def allocate_state(self, batch_size, device, dtype=torch.float32):
         conv = torch.zeros(batch_size, self.conv_dim, self.d_conv, device=device, dtype=dtype)

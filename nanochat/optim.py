@@ -45,9 +45,13 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - group["momentum"])
                 g = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-                update = zeropower_via_newtonschulz5(g, group["ns_steps"])
-                scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5   # tall matrices get a larger step
-                p.add_(update, alpha=-group["lr"] * scale)
+                # a fused projection (Mamba's in_proj: z | x | B | C | dt rows) is orthogonalised one
+                # row block at a time, as if each were its own matrix
+                parts = g.split(p._muon_splits) if hasattr(p, "_muon_splits") else [g]
+                update = torch.cat([zeropower_via_newtonschulz5(part, group["ns_steps"])
+                                    * max(1.0, part.size(-2) / part.size(-1)) ** 0.5   # tall matrices get a larger step
+                                    for part in parts])
+                p.add_(update, alpha=-group["lr"])
 
 
 def setup_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, other_lr=0.004,

@@ -45,9 +45,10 @@ parser.add_argument("--depth", type=int, default=4, help="number of layers; widt
 parser.add_argument("--aspect-ratio", type=int, default=64, help="model width per layer")
 parser.add_argument("--head-dim", type=int, default=64, help="attention head dimension")
 parser.add_argument("--block-pattern", default="", help="one letter per layer, T (attention) or M (Mamba), e.g. TMTM; default all T")
-parser.add_argument("--mamba-init", default="default", choices=["default", "mimetic"],
-                    help="M blocks: mamba_ssm's init, or mimetic (Trockman et al. 2024: almost no decay, C = B, near-identity "
-                         "conv on B/C; starts near linear attention, which learns recall more easily; see docs/mamba.md)")
+parser.add_argument("--mamba-init", default="default", choices=["default", "mimetic", "induction"],
+                    help="M blocks: mamba_ssm's init; mimetic (Trockman et al. 2024: almost no decay, C = B, near-identity "
+                         "conv on B/C; starts near linear attention, which learns recall more easily); or induction "
+                         "(mimetic with B's conv on the previous token: a one-layer key -> value lookup). See docs/mamba.md")
 parser.add_argument("--max-seq-len", type=int, default=1024, help="context length in tokens")
 parser.add_argument("--tie-embeddings", action="store_true",
                     help="one matrix for token embedding and output head (small models copy names from documents far sooner)")

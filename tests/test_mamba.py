@@ -106,6 +106,27 @@ def test_mimetic_init_statistics(ngroups):
     assert torch.equal(xBC[..., d:d + gn], xBC[..., d + gn:])
 
 
+def test_induction_init_shifts_b_by_one_token():
+    """induction = mimetic with B's conv on the previous token and C's on the current one, so the SSM's
+    B at token s equals its C at token s-1 (a query meets the key just before each value)."""
+    torch.manual_seed(0)
+    cfg = dict(d_model=64, d_state=16, headdim=8, ngroups=2)
+    default, m = Mamba2Mixer(**cfg), Mamba2Mixer(**cfg, init="induction")
+    assert {k: v.shape for k, v in m.state_dict().items()} == {k: v.shape for k, v in default.state_dict().items()}
+    assert torch.exp(F.softplus(m.dt_bias) * -torch.exp(m.A_log)).min() > 0.98   # the mimetic decay
+    d, gn = m.d_inner, 2 * 16
+    w = m.conv1d.weight[:, 0]
+    assert torch.equal(w[d:d + gn], torch.tensor([0., 0., 1., 0.]).expand(gn, 4))
+    assert torch.equal(w[d + gn:], torch.tensor([0., 0., 0., 1.]).expand(gn, 4))
+    assert w[:d, -1].abs().max() <= 0.5   # x channels keep the default init
+    x = torch.randn(2, 20, 64)
+    xBC = F.silu(causal_conv(m.in_proj(x)[..., d:d + m.conv_dim], m.conv1d.weight, m.conv1d.bias))
+    B, C = xBC[..., d:d + gn], xBC[..., d + gn:]
+    assert torch.equal(B[:, 1:], C[:, :-1]) and not torch.allclose(B, C)
+    with pytest.raises(AssertionError, match="d_conv"):
+        Mamba2Mixer(**cfg, d_conv=1, init="induction")
+
+
 def test_mimetic_init_in_the_gpt():
     """config mamba_init reaches the mixers through the meta-device build, and init_weights keeps it."""
     from nanochat.gpt import GPT, config_from_depth
@@ -400,3 +421,21 @@ def test_gpu_weights_round_trip_with_mamba_ssm():
     ours.load_state_dict(theirs2.state_dict())
     with torch.no_grad():
         assert_rel_close(run_path(ours, True, lambda: ours(x)), theirs2(x), 5e-3, "mamba_ssm init loaded into ours")
+
+
+def test_muon_orthogonalises_in_proj_blocks_separately():
+    """Muon's step on in_proj equals five separate Muon steps, one per row block (z, x, B, C, dt),
+    each scaled as its own matrix, and differs from one joint step on the whole matrix."""
+    from nanochat.optim import Muon, zeropower_via_newtonschulz5
+    torch.manual_seed(0)
+    m = Mamba2Mixer(d_model=32, d_state=8, headdim=8)
+    W = m.in_proj.weight
+    assert W._muon_splits == [64, 64, 8, 8, 8] and sum(W._muon_splits) == W.size(0)
+    before = W.detach().clone()
+    W.grad = torch.randn_like(W)
+    Muon([W], lr=0.1, momentum=0.0, nesterov=False).step()
+    expected = torch.cat([zeropower_via_newtonschulz5(g) * max(1.0, g.size(0) / g.size(1)) ** 0.5
+                          for g in W.grad.split(W._muon_splits)])
+    assert torch.allclose(before - W.detach(), 0.1 * expected, atol=1e-6)
+    joint = zeropower_via_newtonschulz5(W.grad) * (W.size(0) / W.size(1)) ** 0.5
+    assert not torch.allclose(expected, joint, atol=1e-2)
