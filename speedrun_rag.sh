@@ -26,7 +26,7 @@ usage() {
     echo "flags: --smoke | --gpu | --cpu | --fresh | --block-pattern P | --run-dir DIR | -h"
     echo "env:   BLOCK_PATTERN, RUN_DIR, NPROC (processes per training stage), SEED (fine-tuning streams), NANOCHAT_BASE_DIR (download cache),"
     echo "       QUERY_POSITION (after | before | both: the question relative to its documents, chat_sft --query-position),"
-    echo "       MAMBA_INIT (default | mimetic: base_train --mamba-init),"
+    echo "       MAMBA_INIT (default | mimetic | induction: base_train --mamba-init),"
     echo "       BASE_ITERS, SFT_ITERS, RL_ITERS (override the mode's step counts, e.g. a longer SFT for a Mamba pattern)"
 }
 
@@ -130,6 +130,14 @@ else
 fi
 # the checkpoint tag base_train uses; SFT, RL, eval and chat load exactly this model
 if [[ "$BLOCK_PATTERN" =~ ^T+$ ]]; then TAG="d$DEPTH"; else TAG="d${DEPTH}_$BLOCK_PATTERN"; fi
+
+# a pure Mamba stack reads only with these (docs/mamba.md, "Reading with a pure Mamba stack"): an
+# induction-head init, the question before and after its documents, a gentler SFT that moves on
+# from one-document copying at 70% (it plateaus there: common-word answers) instead of 90%
+SFT_LR_FRAC=1
+if [[ "$BLOCK_PATTERN" =~ ^M+$ ]]; then
+    QUERY_POSITION="${QUERY_POSITION:-both}"  MAMBA_INIT="${MAMBA_INIT:-induction}"  SFT_LR_FRAC=0.3  SFT_ADVANCE_EM=0.7
+fi
 
 # directories: the run's own, and the shared download cache
 CACHE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
@@ -319,7 +327,7 @@ stage base base_checkpoints \
 stage sft chatsft_checkpoints \
     launch -m scripts.chat_sft --model-tag "$TAG" --block-pattern "$BLOCK_PATTERN" --curriculum "$SFT_CURRICULUM" \
     --num-iterations "$SFT_ITERS" --device-batch-size "$SFT_BATCH" --eval-every "$SFT_EVAL_EVERY" \
-    --eval-examples "$SFT_EVAL_EXAMPLES" --advance-em "$SFT_ADVANCE_EM" --seed "$SEED" --query-position "$QUERY_POSITION" $COMPILE
+    --eval-examples "$SFT_EVAL_EXAMPLES" --advance-em "$SFT_ADVANCE_EM" --lr-frac "$SFT_LR_FRAC" --seed "$SEED" --query-position "$QUERY_POSITION" $COMPILE
 stage rl chatrl_checkpoints \
     launch -m scripts.chat_rl --model-tag "$TAG" --block-pattern "$BLOCK_PATTERN" --curriculum "$RL_CURRICULUM" \
     --num-iterations "$RL_ITERS" --prompts-per-step "$RL_PROMPTS" --num-samples "$RL_SAMPLES" \
