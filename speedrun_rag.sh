@@ -131,9 +131,9 @@ fi
 # the checkpoint tag base_train uses; SFT, RL, eval and chat load exactly this model
 if [[ "$BLOCK_PATTERN" =~ ^T+$ ]]; then TAG="d$DEPTH"; else TAG="d${DEPTH}_$BLOCK_PATTERN"; fi
 
-# a pure Mamba stack reads only with these (docs/mamba.md, "Reading with a pure Mamba stack"): an
-# induction-head init, the question before and after its documents, a gentler SFT that moves on
-# from one-document copying at 70% (it plateaus there: common-word answers) instead of 90%
+# a pure Mamba stack reads only with an induction-head init and a gentler SFT that moves on from
+# one-document copying at 70% (it plateaus there: common-word answers) instead of 90%; the question
+# goes before and after its documents (JRT; `after` measured the same). docs/mamba.md has the runs
 SFT_LR_FRAC=1
 if [[ "$BLOCK_PATTERN" =~ ^M+$ ]]; then
     QUERY_POSITION="${QUERY_POSITION:-both}"  MAMBA_INIT="${MAMBA_INIT:-induction}"  SFT_LR_FRAC=0.3  SFT_ADVANCE_EM=0.7

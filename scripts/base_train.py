@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from nanochat.common import compute_init, compute_cleanup, print0, init_wandb, autocast_ctx, die
 from nanochat.gpt import GPT, config_from_depth
+from nanochat.mamba import MAMBA_INITS
 from nanochat.tokenizer import get_tokenizer
 from tasks.pretraining import GENERATED
 from nanochat.dataset import get_source
@@ -45,7 +46,7 @@ parser.add_argument("--depth", type=int, default=4, help="number of layers; widt
 parser.add_argument("--aspect-ratio", type=int, default=64, help="model width per layer")
 parser.add_argument("--head-dim", type=int, default=64, help="attention head dimension")
 parser.add_argument("--block-pattern", default="", help="one letter per layer, T (attention) or M (Mamba), e.g. TMTM; default all T")
-parser.add_argument("--mamba-init", default="default", choices=["default", "mimetic", "induction"],
+parser.add_argument("--mamba-init", default="default", choices=MAMBA_INITS,
                     help="M blocks: mamba_ssm's init; mimetic (Trockman et al. 2024: almost no decay, C = B, near-identity "
                          "conv on B/C; starts near linear attention, which learns recall more easily); or induction "
                          "(mimetic with B's conv on the previous token: a one-layer key -> value lookup). See docs/mamba.md")
