@@ -11,7 +11,7 @@
 # Everything a run makes lives in its run directory, runs/<mode>_<model tag> by default (--run-dir
 # to change). The run directory is the NANOCHAT_BASE_DIR of every stage, so runs never share a
 # tokenizer or checkpoints; downloads (FineWeb-Edu shards, Hugging Face datasets) are shared
-# through the cache at $NANOCHAT_BASE_DIR (default ~/.cache/nanochat).
+# through the cache at $NANOCHAT_BASE_DIR (default ~/.cache/nanochat-rag, not karpathy/nanochat's).
 #
 # Each stage logs to <run dir>/logs/<stage>.log and leaves <stage>.done (its command and seconds)
 # when it succeeds. Rerunning skips a stage whose marker holds the same command, so a killed run
@@ -140,7 +140,7 @@ if [[ "$BLOCK_PATTERN" =~ ^M+$ ]]; then
 fi
 
 # directories: the run's own, and the shared download cache
-CACHE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
+CACHE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat-rag}"
 RUN_DIR="${RUN_DIR:-runs/${MODE}_$TAG}"
 # stages delete their old outputs (and --fresh the whole directory): only ever in a directory
 # this script made, which it marks with a .speedrun file

@@ -14,6 +14,7 @@ import torch
 from nanochat.common import get_base_dir, atomic_write_json
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import get_tokenizer
+from nanochat.nanochat_format import looks_like_nanochat
 
 PHASE_DIRS = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
 
@@ -115,6 +116,9 @@ def load_model(source, device, phase="eval", model_tag=None, step=None, expect_b
         raise FileNotFoundError(f"no checkpoint directory {ckpt_dir}")
     step = find_last_step(ckpt_dir) if step is None else step
     model_state, _, meta = load_checkpoint(ckpt_dir, step, device)
+    if looks_like_nanochat(meta):   # nanochat's config, no tokenizer fingerprint: its ids would be read as ours
+        raise ValueError(f"{ckpt_dir} step {step} is a karpathy/nanochat checkpoint: import it first with "
+                         f"`python -m scripts.import_nanochat --from {ckpt_dir} --tokenizer DIR_WITH_ITS_TOKENIZER_PKL`")
     pattern = meta["model_config"].get("block_pattern")
     if expect_block_pattern and pattern != expect_block_pattern:
         raise ValueError(f"checkpoint {ckpt_dir} step {step} has block pattern {pattern!r}, "
@@ -128,6 +132,7 @@ def load_model(source, device, phase="eval", model_tag=None, step=None, expect_b
                          f"{os.path.join(get_base_dir(), 'tokenizer')} is {tokenizer.fingerprint()}: was the tokenizer "
                          f"retrained after this checkpoint, or is NANOCHAT_BASE_DIR another run's?")
     tokenizer.query_position = meta.get("query_position", "after")   # the model reads as it was trained to
+    tokenizer.text_prefix = meta.get("text_prefix", " ")
     if tokenizer.get_vocab_size() > model.config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.get_vocab_size()} tokens but the model only {model.config.vocab_size}: "
                          "was the tokenizer retrained after this checkpoint?")

@@ -11,8 +11,9 @@ import torch.distributed as dist
 
 
 def get_base_dir():
-    """Where every artifact lives (tokenizer, checkpoints, data). $NANOCHAT_BASE_DIR wins."""
-    base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    """Where every artifact lives (tokenizer, checkpoints, data). $NANOCHAT_BASE_DIR wins. The default is
+    not karpathy/nanochat's ~/.cache/nanochat: its checkpoints mean other ids (scripts.import_nanochat)."""
+    base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat-rag")
     os.makedirs(base, exist_ok=True)
     return base
 

@@ -31,9 +31,24 @@ class GPTConfig:
     mamba_chunk_size: int = 64
     mamba_mlp: bool = True           # M blocks get an MLP after the mixer (Jamba, Samba, Nemotron-H)
     mamba_init: str = "default"      # mimetic | induction: M mixers start near linear attention (Mamba2Mixer.mimetic_init_)
-    logit_softcap: float = 15.0
+    logit_softcap: float = 15.0      # logits = cap * tanh(logits / cap) (0: none)
     tie_embeddings: bool = False     # one matrix embeds tokens and scores them (see GPT.tie_weights)
     short_conv: int = 0              # T blocks: taps of a causal depthwise conv over the attention input (0: none)
+    # Forward features of karpathy/nanochat's generations (scripts/import_nanochat.py sets them from a
+    # checkpoint's weights); each default computes exactly what this project's models always computed.
+    logit_vocab_size: int = 0        # logits cover the first this-many rows (0: all rows; the rest is padding)
+    norm_eps: float = 0.0            # RMSNorm epsilon (0: torch's default, finfo.eps)
+    rope_base: float = 10000.0
+    rope_bf16: bool = False          # round the rotary tables to bf16 (nanochat before March 2026, and GPU-trained)
+    attn_scale: float = 0.0          # attention logit scale (0: this project's rule, see CausalSelfAttention)
+    qk_gain: float = 1.0             # q and k multiplied by this after QK-norm
+    attn_windows: tuple = ()         # per layer: a query sees keys at most this many positions back (0: all)
+    residual_scalars: bool = False   # learned resid_lambdas / x0_lambdas: x = r_i * x + a_i * x0 before block i
+    value_embed_layers: tuple = ()   # layers whose attention values add a gated per-token embedding (ResFormer)
+    ve_gate_width: int = 12          # the value-embedding gate reads this many channels of the block input
+    ve_gate_scale: float = 3.0       # gate = scale * sigmoid(...)
+    smear_width: int = 0             # > 0: each token's embedding mixes in the previous one's, gated on this many channels
+    backout_layer: int = -1          # >= 0: subtract backout_lambda * (output of this block) before the final norm
 
     def __post_init__(self):
         if not self.block_pattern:
@@ -51,6 +66,19 @@ class GPTConfig:
             raise ValueError(f"--short-conv is a number of taps >= 2 (or 0 for none), got {self.short_conv}")
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
             raise ValueError(f"n_embd {self.n_embd} / n_head {self.n_head} / n_kv_head {self.n_kv_head} do not divide")
+        self.attn_windows = tuple(int(w) for w in self.attn_windows)
+        self.value_embed_layers = tuple(int(i) for i in self.value_embed_layers)
+        if self.attn_windows and len(self.attn_windows) != self.n_layer:
+            raise ValueError(f"attn_windows needs one window per layer ({self.n_layer}), got {len(self.attn_windows)}")
+        if any(w < 0 for w in self.attn_windows):
+            raise ValueError(f"attn_windows must be >= 0 (0: unlimited), got {self.attn_windows}")
+        bad_ve = [i for i in self.value_embed_layers if not (0 <= i < self.n_layer and self.block_pattern[i] == "T")]
+        if bad_ve:
+            raise ValueError(f"value_embed_layers {bad_ve} are not attention (T) layers of this model")
+        if not (0 <= self.logit_vocab_size <= self.vocab_size):
+            raise ValueError(f"logit_vocab_size {self.logit_vocab_size} must be in [0, vocab_size {self.vocab_size}]")
+        if self.backout_layer >= self.n_layer:
+            raise ValueError(f"backout_layer {self.backout_layer} must be < n_layer {self.n_layer}")
 
     def to_dict(self):
         return asdict(self)
@@ -66,8 +94,8 @@ def config_from_depth(depth, vocab_size, sequence_len, aspect_ratio=64, head_dim
                      n_kv_head=n_head, n_embd=n_embd, block_pattern=block_pattern or "T" * depth, **options)
 
 
-def norm(x):
-    return F.rms_norm(x, (x.size(-1),))
+def norm(x, eps=None):
+    return F.rms_norm(x, (x.size(-1),), eps=eps)
 
 
 def apply_rotary(x, cos, sin):
@@ -90,15 +118,25 @@ class CausalSelfAttention(nn.Module):
         # QK-norm makes |q| = |k| = sqrt(head_dim), so a logit is at most scale * head_dim. The usual
         # 1/sqrt(head_dim) caps it at sqrt(head_dim): fine for 128-dim heads (11.3), too soft for the
         # 32-dim heads of tiny models (5.7) to pick one token out of hundreds. Keep the 128-dim ceiling.
-        self.scale = max(self.head_dim, 128) ** 0.5 / self.head_dim
+        self.scale = config.attn_scale or max(self.head_dim, 128) ** 0.5 / self.head_dim
+        self.qk_gain, self.eps = config.qk_gain, config.norm_eps or None
+        # value embeddings (ResFormer): v += gate * ve, one gate per kv head read from the block input
+        self.ve_gate = (nn.Linear(config.ve_gate_width, self.n_kv_head, bias=False)
+                        if layer_idx in config.value_embed_layers else None)
+        self.ve_gate_scale = config.ve_gate_scale
 
-    def forward(self, x, cos, sin, cache=None, rows=None, attn_mask=None):
+    def forward(self, x, cos, sin, cache=None, rows=None, attn_mask=None, ve=None):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:
+            gate = self.ve_gate_scale * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate.in_features]))
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q, k = norm(q), norm(k)   # QK-norm keeps attention logits in range without a tuned scale
+        q, k = norm(q, self.eps), norm(k, self.eps)   # QK-norm keeps attention logits in range without a tuned scale
+        if self.qk_gain != 1.0:
+            q, k = q * self.qk_gain, k * self.qk_gain
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (B, H, T, D)
         if cache is not None:
             k, v = cache.update_kv(self.layer_idx, rows, k, v)
@@ -170,24 +208,25 @@ class Block(nn.Module):
         # hop instead of waiting for a previous-token head to form. Starts at zero (= no conv).
         self.short_conv = (nn.Parameter(torch.zeros(config.n_embd, 1, config.short_conv))
                            if self.kind == "T" and config.short_conv > 0 else None)
+        self.eps = config.norm_eps or None
 
     def short_conv_forward(self, h, cache, rows, seq_idx, lengths):
         if cache is None:
             return short_causal_conv(h, self.short_conv, seq_idx=seq_idx)
         return cache.conv_forward(self.layer_idx, h, self.short_conv, rows, lengths)
 
-    def forward(self, x, cos, sin, cache=None, rows=None, attn_mask=None, seq_idx=None, lengths=None):
+    def forward(self, x, cos, sin, cache=None, rows=None, attn_mask=None, seq_idx=None, lengths=None, ve=None):
         if self.kind == "T":
-            h = norm(x)
+            h = norm(x, self.eps)
             if self.short_conv is not None:
                 h = h + self.short_conv_forward(h, cache, rows, seq_idx, lengths)
-            x = x + self.attn(h, cos, sin, cache, rows, attn_mask)
+            x = x + self.attn(h, cos, sin, cache, rows, attn_mask, ve)
         elif cache is None:
-            x = x + self.mixer(norm(x), seq_idx=seq_idx)
+            x = x + self.mixer(norm(x, self.eps), seq_idx=seq_idx)
         else:
-            x = x + cache.mamba_forward(self.layer_idx, self.mixer, norm(x), rows, lengths)
+            x = x + cache.mamba_forward(self.layer_idx, self.mixer, norm(x, self.eps), rows, lengths)
         if self.mlp is not None:
-            x = x + self.mlp(norm(x))
+            x = x + self.mlp(norm(x, self.eps))
         return x
 
 
@@ -201,18 +240,32 @@ class GPT(nn.Module):
         })
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.tie_weights()
+        # nanochat's generations (see GPTConfig): names as nanochat's, so its checkpoints load as they are
+        if config.residual_scalars:
+            self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
+            self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        kv_dim = config.n_kv_head * (config.n_embd // config.n_head)
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, kv_dim) for i in config.value_embed_layers})
+        if config.smear_width:
+            self.smear_gate = nn.Linear(config.smear_width, 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        if config.backout_layer >= 0:
+            self.backout_lambda = nn.Parameter(torch.zeros(1))
         # rotary tables cover 10x the training length so long generations never run out
         self.rotary_len = config.sequence_len * 10
-        head_dim = config.n_embd // config.n_head
-        cos, sin = self._rotary_tables(self.rotary_len, head_dim)
+        cos, sin = self._rotary_tables(self.rotary_len)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    @staticmethod
-    def _rotary_tables(seq_len, head_dim, base=10000, device=None):
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    def _rotary_tables(self, seq_len, device=None):
+        cfg = self.config
+        head_dim = cfg.n_embd // cfg.n_head
+        inv_freq = 1.0 / (cfg.rope_base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
         freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
-        return freqs.cos(), freqs.sin()
+        cos, sin = freqs.cos(), freqs.sin()
+        if cfg.rope_bf16:   # rounded as the model saw them in training, kept in fp32
+            cos, sin = cos.bfloat16().float(), sin.bfloat16().float()
+        return cos, sin
 
     def tie_weights(self):
         """With tie_embeddings the head scores token t by its own embedding, so copying a token
@@ -246,7 +299,21 @@ class GPT(nn.Module):
             if block.mlp is not None:
                 torch.nn.init.uniform_(block.mlp.c_fc.weight, -bound, bound)
                 torch.nn.init.zeros_(block.mlp.c_proj.weight)
-        cos, sin = self._rotary_tables(self.rotary_len, cfg.n_embd // cfg.n_head, device=self.cos.device)
+            if block.kind == "T" and block.attn.ve_gate is not None:
+                torch.nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)   # gates start just above neutral
+        # the nanochat features start as nanochat master starts them
+        if cfg.residual_scalars:
+            depth = torch.arange(cfg.n_layer, dtype=torch.float32) / max(cfg.n_layer - 1, 1)
+            self.resid_lambdas.copy_(1.15 - 0.10 * depth)
+            self.x0_lambdas.copy_(0.20 - 0.15 * depth)
+        for ve in self.value_embeds.values():
+            torch.nn.init.uniform_(ve.weight, -bound, bound)
+        if cfg.smear_width:
+            torch.nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+            torch.nn.init.zeros_(self.smear_lambda)
+        if cfg.backout_layer >= 0:
+            torch.nn.init.constant_(self.backout_lambda, 0.2)
+        cos, sin = self._rotary_tables(self.rotary_len, device=self.cos.device)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 
@@ -254,15 +321,22 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def param_groups(self):
-        """Muon takes the 2-D matrices inside blocks; AdamW takes embeddings, the head and every
-        other parameter (Mamba's conv1d, dt_bias, A_log, D, norm weights)."""
+        """Muon takes the 2-D matrices inside blocks (value-embedding gates too); AdamW takes the
+        embeddings (token and value), the head and every other parameter (Mamba's conv1d, dt_bias,
+        A_log, D, norm weights; the residual, smear and backout scalars)."""
         matrices, others = [], []
         for block in self.transformer.h:
             for p in block.parameters():
                 (matrices if p.ndim == 2 else others).append(p)
+        for name in ("resid_lambdas", "x0_lambdas", "smear_lambda", "backout_lambda"):
+            if hasattr(self, name):
+                others.append(getattr(self, name))
+        if self.config.smear_width:
+            others.append(self.smear_gate.weight)
+        value_embeds = list(self.value_embeds.parameters())
         if self.config.tie_embeddings:   # the shared matrix learns at the head's rate
-            return {"matrix": matrices, "embedding": [], "unembedding": [self.lm_head.weight], "other": others}
-        return {"matrix": matrices, "embedding": [self.transformer.wte.weight],
+            return {"matrix": matrices, "embedding": value_embeds, "unembedding": [self.lm_head.weight], "other": others}
+        return {"matrix": matrices, "embedding": [self.transformer.wte.weight] + value_embeds,
                 "unembedding": [self.lm_head.weight], "other": others}
 
     def forward(self, idx, targets=None, cache=None, rows=None, lengths=None, seq_idx=None, loss_reduction="mean",
@@ -287,6 +361,7 @@ class GPT(nn.Module):
         """Final hidden states (B, T, C) before the head ((B, C) with lengths); arguments as forward's.
         chat_sft --compile compiles this alone and keeps the sparse loss head eager."""
         B, T = idx.shape
+        cfg = self.config
         attn_mask = None
         if cache is not None:
             rows = cache.resolve_rows(rows, B)
@@ -294,29 +369,65 @@ class GPT(nn.Module):
             if int(pos.max()) >= self.rotary_len:
                 raise ValueError(f"generation reached {self.rotary_len} positions, the model's rotary limit")
             cos, sin = self.cos[pos].unsqueeze(2), self.sin[pos].unsqueeze(2)
+            key_pos = torch.arange(attn_mask.size(-1), device=idx.device)
         else:
             if T > self.rotary_len:
                 raise ValueError(f"sequence of {T} tokens exceeds the rotary limit {self.rotary_len}")
             cos, sin = self.cos[:T][None, :, None, :], self.sin[:T][None, :, None, :]
-            if seq_idx is not None and "T" in self.config.block_pattern:
-                same = seq_idx.unsqueeze(2) == seq_idx.unsqueeze(1)
-                causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
-                attn_mask = (same & causal).unsqueeze(1)   # (B, 1, T, T)
-        x = norm(self.transformer.wte(idx))
-        for block in self.transformer.h:
-            x = block(x, cos, sin, cache, rows, attn_mask, seq_idx, lengths)
-        x = norm(x)
+            pos = key_pos = torch.arange(T, device=idx.device)
+            if (seq_idx is not None and "T" in cfg.block_pattern) or any(cfg.attn_windows):
+                attn_mask = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()[None, None]
+            if seq_idx is not None and "T" in cfg.block_pattern:
+                attn_mask = attn_mask & (seq_idx.unsqueeze(2) == seq_idx.unsqueeze(1)).unsqueeze(1)   # (B, 1, T, T)
+        # sliding windows: query i sees key j only if i - j <= window (nanochat's rule), one mask per window
+        masks = {0: attn_mask}
+        for w in set(cfg.attn_windows) - {0}:
+            masks[w] = attn_mask & ((pos.unsqueeze(-1) - key_pos) <= w).view(-1, 1, *attn_mask.shape[-2:])
+        x = norm(self.transformer.wte(idx), cfg.norm_eps or None)
+        if cfg.smear_width:
+            x = self.smear(x, cache, rows, seq_idx, lengths)
+        x0, x_backout = x, None
+        for i, block in enumerate(self.transformer.h):
+            if cfg.residual_scalars:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            mask = masks[cfg.attn_windows[i]] if cfg.attn_windows else attn_mask
+            x = block(x, cos, sin, cache, rows, mask, seq_idx, lengths, ve)
+            if i == cfg.backout_layer:
+                x_backout = x
+        if x_backout is not None:   # take back what the middle of the stack wrote (nanochat's backout)
+            x = x - self.backout_lambda * x_backout
+        x = norm(x, cfg.norm_eps or None)
         if cache is not None:
             cache.advance(rows, T if lengths is None else lengths)
             if lengths is not None:   # only the last real token of each row is scored
                 x = x[torch.arange(B, device=x.device), lengths.to(x.device) - 1]
         return x
 
+    def smear(self, x, cache, rows, seq_idx, lengths):
+        """x_t += smear_lambda * sigmoid(smear_gate(x_t[:w])) * x_{t-1} for every token with a previous
+        one: in this row (the cache remembers each row's last embedding), in its own packed document."""
+        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :self.config.smear_width]))
+        prev = torch.cat([x.new_zeros(x.size(0), 1, x.size(2)), x[:, :-1]], dim=1)
+        if cache is not None:
+            start = cache.lengths[rows]
+            prev[:, 0] = cache.prev_embed[rows]
+            has_prev = (start > 0).view(-1, 1, 1) | (torch.arange(x.size(1), device=x.device) > 0).view(1, -1, 1)
+            last = x[torch.arange(x.size(0), device=x.device), (lengths.to(x.device) - 1) if lengths is not None else -1]
+            cache.prev_embed[rows] = last.to(cache.prev_embed.dtype)
+        else:
+            has_prev = (torch.arange(x.size(1), device=x.device) > 0).view(1, -1, 1)
+            if seq_idx is not None:
+                has_prev = has_prev & torch.cat([seq_idx[:, :1], seq_idx[:, :-1]], dim=1).eq(seq_idx).unsqueeze(-1)
+        return x + (gate * prev) * has_prev
+
     def head(self, x):
-        """Final hidden states -> soft-capped logits (fp32)."""
+        """Final hidden states -> soft-capped logits (fp32), over the real vocabulary."""
         logits = self.lm_head(x).float()
+        if self.config.logit_vocab_size:
+            logits = logits[..., :self.config.logit_vocab_size]
         cap = self.config.logit_softcap
-        return cap * torch.tanh(logits / cap)
+        return cap * torch.tanh(logits / cap) if cap else logits
 
     def supervised_loss(self, x, targets, loss_reduction="mean"):
         """Cross-entropy of final hidden states x (B, T, C) against targets (-1 = ignored), with the
@@ -357,6 +468,8 @@ class InferenceCache:
         self.batch_size, self.max_len = batch_size, max_len
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.k, self.v, self.mamba, self.conv = {}, {}, {}, {}
+        # the last token embedding of each row, for the smear of the next one (nanochat's smear)
+        self.prev_embed = torch.zeros(batch_size, cfg.n_embd, device=device, dtype=dtype) if cfg.smear_width else None
         for i, block in enumerate(model.transformer.h):
             if block.kind == "T":
                 self.k[i] = torch.zeros(batch_size, cfg.n_kv_head, max_len, head_dim, device=device, dtype=dtype)
@@ -442,6 +555,8 @@ class InferenceCache:
                 store[i] = t.index_select(0, rows)
         self.mamba = {i: state.index_select(rows) for i, state in self.mamba.items()}
         self.conv = {i: window.index_select(0, rows) for i, window in self.conv.items()}
+        if self.prev_embed is not None:
+            self.prev_embed = self.prev_embed.index_select(0, rows)
         self.lengths = self.lengths.index_select(0, rows)
         self.batch_size = len(rows)
         self._all_rows = torch.arange(self.batch_size, device=self.lengths.device)
@@ -456,6 +571,8 @@ class InferenceCache:
                 g = t.view(P, n, *t.shape[1:])
                 g[:, 1:, :, :L] = g[:, :1, :, :L]
         windows = [t for state in self.mamba.values() for t in (state.conv, state.ssm)] + list(self.conv.values())
+        if self.prev_embed is not None:
+            windows.append(self.prev_embed)
         for t in windows:
             g = t.view(P, n, *t.shape[1:])
             g[:, 1:] = g[:, :1]

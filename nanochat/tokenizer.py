@@ -19,6 +19,9 @@ question. "before": the question, then the documents. "both": the question, the 
 question again (JRT, "Just Read Twice"). A recurrent model that has seen the question first keeps
 what is asked for instead of every fact. Masks do not change: nothing the model is given is trained
 on. Searches the model writes itself (multi-hop) already come before their results.
+
+Text prefix (text_prefix, also per model from its checkpoint): " " as above, or "" for chat models
+imported from karpathy/nanochat, which were trained on message text without it.
 """
 import os
 import re
@@ -60,6 +63,7 @@ class Tokenizer:
         self.special = {name: enc.encode_single_token(name) for name in SPECIAL_TOKENS}
         self.bos_token_id = self.special["<|bos|>"]
         self.query_position = "after"   # see the module docstring; a checkpoint's own comes with load_model
+        self.text_prefix = " "          # likewise
 
     # ---- training / persistence -------------------------------------------------------------
     @classmethod
@@ -149,18 +153,18 @@ class Tokenizer:
     # ---- conversations ----------------------------------------------------------------------
     def encode_text(self, text):
         """A message or part body: with the leading space (see the module docstring)."""
-        return self.encode(" " + text)
+        return self.encode(self.text_prefix + text)
 
     def decode_text(self, ids):
         """The inverse of encode_text: the decoded text without its leading space."""
         text = self.decode(ids)
-        return text[1:] if text.startswith(" ") else text
+        return text[len(self.text_prefix):] if text.startswith(self.text_prefix) else text
 
     def encode_document(self, doc, number):
         """The body of one document block: '[n] title' on the first line, then the text."""
         title = (doc.get("title") or "").strip()
         head = f"[{number}] {title}".rstrip()
-        return self.encode(f"{head}\n") + self.encode_text(LINE_START.sub("\n ", doc.get("text", "")))
+        return self.encode(f"{head}\n") + self.encode_text(LINE_START.sub("\n" + self.text_prefix, doc.get("text", "")))
 
     def render_documents(self, documents, first_number=1, max_doc_tokens=DEFAULT_MAX_DOC_TOKENS):
         """Token ids of document blocks, numbered from first_number. The Engine uses this to

@@ -176,7 +176,7 @@ while True:
 
 meta_out = {"model_config": model.config.to_dict(), "user_config": user_config, "step": step, "phase": "rl",
             "base": {"source": args.source, "model_tag": model_tag}, "heldout": record, "train_time_min": train_time / 60,
-            "query_position": tokenizer.query_position}
+            "query_position": tokenizer.query_position, "text_prefix": tokenizer.text_prefix}
 save_checkpoint(ckpt_dir, step, model.state_dict(), None, meta_out, rank)
 print0(f"saved {ckpt_dir} step {step}")
 wandb_run.finish()

@@ -367,7 +367,7 @@ if best is not None and best[1] != step:
         encoder.load_state_dict(best[5])
     step, record = best[1], best[3]
 meta_out = {"model_config": model.config.to_dict(), "user_config": user_config, "step": step, "phase": "sft", "stage": stage,
-            "query_position": tokenizer.query_position,
+            "query_position": tokenizer.query_position, "text_prefix": tokenizer.text_prefix,
             "base": {"source": args.source, "model_tag": model_tag}, "heldout": record, "train_time_min": train_time / 60}
 if args.marginalize:
     meta_out["rag"] = {key: getattr(args, key) for key in ("marginalize", "marginal_k", "retriever_temperature", "encoder_lr")}
