@@ -7,6 +7,9 @@
 #   bash speedrun_rag.sh --smoke                 # the same pipeline with toy settings, in a couple of minutes
 #   BLOCK_PATTERN=TMTM bash speedrun_rag.sh      # hybrid Transformer/Mamba (one letter per layer: T or M)
 #   bash speedrun_rag.sh --gpu                   # nanochat-d20-class run over FineWeb-Edu on all GPUs (auto-detected)
+#   bash speedrun_rag.sh --from-nanochat ~/.cache/nanochat/base_checkpoints/d20 --nanochat-tokenizer ~/.cache/nanochat/tokenizer
+#                                                # your karpathy/nanochat model instead of tokenizer + pretraining:
+#                                                # imported (scripts.import_nanochat), then SFT, RL, eval as usual
 #
 # Everything a run makes lives in its run directory, runs/<mode>_<model tag> by default (--run-dir
 # to change). The run directory is the NANOCHAT_BASE_DIR of every stage, so runs never share a
@@ -23,14 +26,15 @@ cd "$(dirname "$0")"
 usage() {
     sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"   # the comment block at the top of this file
     echo
-    echo "flags: --smoke | --gpu | --cpu | --fresh | --block-pattern P | --run-dir DIR | -h"
+    echo "flags: --smoke | --gpu | --cpu | --fresh | --block-pattern P | --run-dir DIR | --from-nanochat CKPT_DIR | --nanochat-tokenizer TOK_DIR | -h"
     echo "env:   BLOCK_PATTERN, RUN_DIR, NPROC (processes per training stage), SEED (fine-tuning streams), NANOCHAT_BASE_DIR (download cache),"
     echo "       QUERY_POSITION (after | before | both: the question relative to its documents, chat_sft --query-position),"
     echo "       MAMBA_INIT (default | mimetic | induction: base_train --mamba-init),"
-    echo "       BASE_ITERS, SFT_ITERS, RL_ITERS (override the mode's step counts, e.g. a longer SFT for a Mamba pattern)"
+    echo "       BASE_ITERS, SFT_ITERS, RL_ITERS (override the mode's step counts, e.g. a longer SFT for a Mamba pattern),"
+    echo "       NANOCHAT_SOFTCAP (--from-nanochat: the model's logit softcap when not 15, see scripts.import_nanochat --help)"
 }
 
-MODE="" FRESH=0
+MODE="" FRESH=0 FROM_NANOCHAT="" NANOCHAT_TOK=""
 USER_BASE_ITERS="${BASE_ITERS:-}" USER_SFT_ITERS="${SFT_ITERS:-}" USER_RL_ITERS="${RL_ITERS:-}"
 BLOCK_PATTERN="${BLOCK_PATTERN:-}"
 RUN_DIR="${RUN_DIR:-}"
@@ -44,6 +48,10 @@ while [ $# -gt 0 ]; do
         --block-pattern=*) BLOCK_PATTERN="${1#*=}" ;;
         --run-dir) RUN_DIR="${2:?--run-dir needs a value}"; shift ;;
         --run-dir=*) RUN_DIR="${1#*=}" ;;
+        --from-nanochat) FROM_NANOCHAT="${2:?--from-nanochat needs a checkpoint directory}"; shift ;;
+        --from-nanochat=*) FROM_NANOCHAT="${1#*=}" ;;
+        --nanochat-tokenizer) NANOCHAT_TOK="${2:?--nanochat-tokenizer needs a directory}"; shift ;;
+        --nanochat-tokenizer=*) NANOCHAT_TOK="${1#*=}" ;;
         -h|--help) usage; exit 0 ;;
         *) echo "error: unknown argument '$1' (try --help)" >&2; exit 2 ;;
     esac
@@ -118,6 +126,25 @@ for n in "$BASE_ITERS" "$SFT_ITERS" "$RL_ITERS"; do
     if [[ ! "$n" =~ ^[1-9][0-9]*$ ]]; then echo "error: BASE_ITERS, SFT_ITERS and RL_ITERS must be positive integers, got '$n'" >&2; exit 2; fi
 done
 
+# a nanochat model brings its own depth (a stack of attention blocks) and tokenizer
+if [ -n "$FROM_NANOCHAT" ]; then
+    if [ -n "$BLOCK_PATTERN" ]; then echo "error: --from-nanochat brings its own layers; drop BLOCK_PATTERN / --block-pattern" >&2; exit 2; fi
+    if [ ! -d "$FROM_NANOCHAT" ]; then echo "error: --from-nanochat $FROM_NANOCHAT: no such directory" >&2; exit 2; fi
+    FROM_NANOCHAT="$(cd "$FROM_NANOCHAT" && pwd)"
+    if [ -n "$NANOCHAT_TOK" ]; then NANOCHAT_TOK="$(cd "$NANOCHAT_TOK" && pwd)"; fi
+    DEPTH=$(python3 - "$FROM_NANOCHAT" <<'EOF'
+import glob, json, os, sys
+d = sys.argv[1]
+if os.path.exists(os.path.join(d, "config.json")):
+    print(json.load(open(os.path.join(d, "config.json")))["num_hidden_layers"])
+else:
+    metas = sorted(glob.glob(os.path.join(d, "meta_*.json")))
+    print(json.load(open(metas[-1]))["model_config"]["n_layer"] if metas else 0)
+EOF
+)
+    if [ "$DEPTH" -lt 1 ]; then echo "error: --from-nanochat $FROM_NANOCHAT: no meta_<step>.json (or config.json) in it" >&2; exit 2; fi
+fi
+
 # the block pattern has one letter per layer, so when given it sets the depth
 BLOCK_PATTERN="$(echo "$BLOCK_PATTERN" | tr '[:lower:]' '[:upper:]')"
 if [ -n "$BLOCK_PATTERN" ]; then
@@ -141,7 +168,7 @@ fi
 
 # directories: the run's own, and the shared download cache
 CACHE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat-rag}"
-RUN_DIR="${RUN_DIR:-runs/${MODE}_$TAG}"
+RUN_DIR="${RUN_DIR:-runs/${MODE}_${FROM_NANOCHAT:+nanochat_}$TAG}"
 # stages delete their old outputs (and --fresh the whole directory): only ever in a directory
 # this script made, which it marks with a .speedrun file
 if [ -d "$RUN_DIR" ] && [ -n "$(ls -A "$RUN_DIR")" ] && [ ! -f "$RUN_DIR/.speedrun" ]; then
@@ -317,6 +344,13 @@ T_START=$SECONDS
 if [ "$FINEWEB_SHARDS" -gt 0 ]; then
     stage data hf_datasets download "$FINEWEB_SHARDS"
 fi
+if [ -n "$FROM_NANOCHAT" ]; then
+    # the model keeps nanochat's exact logits; the zero-initialised short conv (a no-op until SFT trains it)
+    # is this recipe's reading aid
+    stage import base_checkpoints \
+        "$PY" -m scripts.import_nanochat --from "$FROM_NANOCHAT" ${NANOCHAT_TOK:+--tokenizer "$NANOCHAT_TOK"} --tag "$TAG" \
+        --out-base-dir "$RUN_DIR" --short-conv "$SHORT_CONV" ${NANOCHAT_SOFTCAP:+--softcap "$NANOCHAT_SOFTCAP"}
+else
 stage tokenizer tokenizer \
     "$PY" -m scripts.tok_train --data "$DATA" --vocab-size "$VOCAB" --max-chars "$TOK_CHARS"
 stage base base_checkpoints \
@@ -324,6 +358,7 @@ stage base base_checkpoints \
     --block-pattern "$BLOCK_PATTERN" --max-seq-len "$SEQ_LEN" --data "$DATA" --num-iterations "$BASE_ITERS" \
     --device-batch-size "$BASE_BATCH" --total-batch-size "$BASE_TOTAL_BATCH" --eval-every "$BASE_EVAL_EVERY" \
     --eval-tokens "$BASE_EVAL_TOKENS" --sample-every "$BASE_SAMPLE_EVERY" --model-tag "$TAG" --short-conv "$SHORT_CONV" --mamba-init "$MAMBA_INIT" $TIE $COMPILE
+fi
 stage sft chatsft_checkpoints \
     launch -m scripts.chat_sft --model-tag "$TAG" --block-pattern "$BLOCK_PATTERN" --curriculum "$SFT_CURRICULUM" \
     --num-iterations "$SFT_ITERS" --device-batch-size "$SFT_BATCH" --eval-every "$SFT_EVAL_EVERY" \

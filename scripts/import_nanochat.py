@@ -50,6 +50,9 @@ parser.add_argument("--softcap", type=float, default=None,
 parser.add_argument("--rope-bf16", default="auto", choices=["auto", "yes", "no"],
                     help="round rotary tables to bf16 as the model saw them in training (auto: by generation, and for 2026-03 "
                          "and later by the dtype nanochat stored the embedding in: bf16 = trained on GPU)")
+parser.add_argument("--short-conv", type=int, default=0,
+                    help="add this project's short causal conv (taps) to each attention input, all zero: the logits stay "
+                         "nanochat's exactly, and fine-tuning can use it to read (the CPU recipe uses 4; 0: none)")
 parser.add_argument("--seed", type=int, default=0, help="seed of the small noise on the new tokens' embedding rows")
 args = parser.parse_args()
 
@@ -110,6 +113,10 @@ def main():
 
     # 3. vocabulary growth, fp32, and a strict load: every weight used, every parameter given
     state, rows = nf.grow_vocab(state, tokenizer, old_vocab, seed=args.seed)
+    if args.short_conv:
+        config["short_conv"] = args.short_conv
+        for i in range(config["n_layer"]):   # zero taps: a no-op until trained
+            state[f"transformer.h.{i}.short_conv"] = torch.zeros(config["n_embd"], 1, args.short_conv)
     config.update(vocab_size=rows, logit_vocab_size=tokenizer.get_vocab_size())
     state = {k: v.float() for k, v in state.items()}
     model = build_model(config, state, "cpu")

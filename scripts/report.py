@@ -39,7 +39,7 @@ if not os.path.isdir(run_dir):
     sys.exit(f"error: no run directory {run_dir}")
 plot_dir = os.path.join(run_dir, "report")
 os.makedirs(plot_dir, exist_ok=True)
-STAGES = ["data", "tokenizer", "base", "sft", "rl", "kb", "eval", "transfer", "retriever", "report"]
+STAGES = ["data", "tokenizer", "base", "import", "sft", "rl", "kb", "eval", "transfer", "retriever", "report"]
 
 
 # -----------------------------------------------------------------------------
@@ -227,7 +227,7 @@ def em_of(source, task, retrieval=True):
 
 base_meta = latest_meta("base_checkpoints") or {}
 model_cfg = base_meta.get("model_config", {})
-params = re.search(r"([\d,]+) parameters", read_text("logs", "base.log") or "")
+params = re.search(r"([\d,]+) parameters", read_text("logs", "base.log") or read_text("logs", "import.log") or "")
 lines = []
 out = lines.append
 
@@ -327,6 +327,11 @@ out("")
 
 out("## Pretraining")
 out("")
+imported = base_meta.get("imported_from")
+if imported:
+    out(f"None here: the base model was trained by karpathy/nanochat and imported with `scripts.import_nanochat` "
+        f"(`{imported['path']}` step {imported['step']}, generation {imported['generation']}; its logits unchanged).")
+    out("")
 if base_loss:
     out(f"{int(base_loss[-1][0])} steps, last training loss {base_loss[-1][1]:.3f} (smoothed {base_loss[-1][2]:.3f})"
         + (f", last validation {base_bpb[-1][1]:.4f} bits per byte." if base_bpb else "."))

@@ -416,3 +416,64 @@ def test_parity_with_nanochat_checkout(nano_tokenizer, tmp_path):
         diffs["nanochat_cached"] = (full - torch.from_numpy(ref["cached"])).abs().max().item()
         assert diffs["nanochat_cached"] <= CACHED_TOL, diffs
     print(meta["imported_from"]["generation"], diffs)
+
+
+def test_short_conv_added_at_import_keeps_the_logits(nano_tokenizer, tmp_path):
+    tok_dir, enc = nano_tokenizer
+    sd, cfg = write_checkpoint(tmp_path / "ckpt", "G4", enc.n_vocab)
+    proc = import_checkpoint(tmp_path / "ckpt", tok_dir, tmp_path / "out", "--short-conv", "4")
+    assert proc.returncode == 0, proc.stderr
+    model, _, _ = load_imported(tmp_path / "out")
+    assert model.config.short_conv == 4
+    idx = token_rows(enc.n_vocab)
+    check_paths(model, reference_logits(sd, "G4", cfg, idx), idx)
+
+
+# ---- the whole pipeline on an imported model --------------------------------------------------------
+@pytest.mark.slow
+def test_speedrun_from_nanochat_smoke(tmp_path):
+    """speedrun_rag.sh --smoke --from-nanochat: import instead of tokenizer + pretraining, then every stage."""
+    from tests.conftest import REPO
+    import subprocess
+    from tasks.pretraining import world_document
+    rng = random.Random(0)
+    texts = [world_document(i, "train") for i in range(300)] + [make_text(rng, 40) for _ in range(50)]
+    ours = Tokenizer.train_from_iterator(iter(texts), 700)
+    ranks = ours.enc._mergeable_ranks
+    enc = tiktoken.Encoding(name="rustbpe", pat_str=ours.enc._pat_str, mergeable_ranks=ranks,
+                            special_tokens={name: len(ranks) + k for k, name in enumerate(NANOCHAT_SPECIALS)})
+    (tmp_path / "nc" / "tokenizer").mkdir(parents=True)
+    with open(tmp_path / "nc" / "tokenizer" / "tokenizer.pkl", "wb") as f:
+        pickle.dump(enc, f)
+    ckpt = tmp_path / "nc" / "base_checkpoints" / "d2"
+    os.makedirs(ckpt)
+    g = torch.Generator().manual_seed(0)
+    V, rows, Cs, Ls = enc.n_vocab, -(-enc.n_vocab // 64) * 64, 64, 2
+    sd = {"transformer.wte.weight": torch.randn(rows, Cs, generator=g).bfloat16(),
+          "lm_head.weight": torch.randn(rows, Cs, generator=g) * 0.01,
+          "resid_lambdas": torch.ones(Ls), "x0_lambdas": torch.zeros(Ls), "smear_gate.weight": torch.zeros(1, 24),
+          "smear_lambda": torch.zeros(1), "backout_lambda": torch.full((1,), 0.2),
+          "value_embeds.1.weight": torch.randn(rows, Cs, generator=g).bfloat16(),
+          "transformer.h.1.attn.ve_gate.weight": torch.zeros(2, 12)}
+    for i in range(Ls):
+        for name, shape in (("attn.c_q", (Cs, Cs)), ("attn.c_k", (Cs, Cs)), ("attn.c_v", (Cs, Cs)), ("attn.c_proj", (Cs, Cs)),
+                            ("mlp.c_fc", (4 * Cs, Cs)), ("mlp.c_proj", (Cs, 4 * Cs))):
+            sd[f"transformer.h.{i}.{name}.weight"] = torch.randn(*shape, generator=g) * Cs ** -0.5
+    torch.save(sd, ckpt / "model_000100.pt")
+    with open(ckpt / "meta_000100.json", "w") as f:
+        json.dump({"step": 100, "model_config": {"sequence_len": 256, "vocab_size": V, "n_layer": Ls, "n_head": 2,
+                                                 "n_kv_head": 2, "n_embd": Cs, "window_pattern": "SL"}}, f)
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for name in ("NPROC", "RUN_DIR", "BLOCK_PATTERN"):
+        env.pop(name, None)
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(["bash", "speedrun_rag.sh", "--smoke", "--run-dir", str(run_dir), "--from-nanochat", str(ckpt),
+                           "--nanochat-tokenizer", str(tmp_path / "nc" / "tokenizer")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "generation G4" in out and "== tokenizer" not in out and "== base" not in out
+    for stage in ("import", "sft", "rl", "kb", "eval", "transfer", "report"):
+        assert (run_dir / "logs" / f"{stage}.done").exists(), stage
+    report = (run_dir / "report.md").read_text()
+    assert "imported with `scripts.import_nanochat`" in report and "| import |" in report
