@@ -31,6 +31,7 @@ usage() {
     echo "       QUERY_POSITION (after | before | both: the question relative to its documents, chat_sft --query-position),"
     echo "       MAMBA_INIT (default | mimetic | induction: base_train --mamba-init),"
     echo "       BASE_ITERS, SFT_ITERS, RL_ITERS (override the mode's step counts, e.g. a longer SFT for a Mamba pattern),"
+    echo "       NANOCHAT_ARCH=1 (base_train --nanochat-arch: nanochat master's trunk features),"
     echo "       NANOCHAT_SOFTCAP (--from-nanochat: the model's logit softcap when not 15, see scripts.import_nanochat --help)"
 }
 
@@ -357,7 +358,7 @@ stage base base_checkpoints \
     launch -m scripts.base_train --depth "$DEPTH" --aspect-ratio "$ASPECT" --head-dim "$HEAD_DIM" \
     --block-pattern "$BLOCK_PATTERN" --max-seq-len "$SEQ_LEN" --data "$DATA" --num-iterations "$BASE_ITERS" \
     --device-batch-size "$BASE_BATCH" --total-batch-size "$BASE_TOTAL_BATCH" --eval-every "$BASE_EVAL_EVERY" \
-    --eval-tokens "$BASE_EVAL_TOKENS" --sample-every "$BASE_SAMPLE_EVERY" --model-tag "$TAG" --short-conv "$SHORT_CONV" --mamba-init "$MAMBA_INIT" $TIE $COMPILE
+    --eval-tokens "$BASE_EVAL_TOKENS" --sample-every "$BASE_SAMPLE_EVERY" --model-tag "$TAG" --short-conv "$SHORT_CONV" --mamba-init "$MAMBA_INIT" $TIE $COMPILE ${NANOCHAT_ARCH:+--nanochat-arch}
 fi
 stage sft chatsft_checkpoints \
     launch -m scripts.chat_sft --model-tag "$TAG" --block-pattern "$BLOCK_PATTERN" --curriculum "$SFT_CURRICULUM" \

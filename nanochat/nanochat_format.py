@@ -108,9 +108,9 @@ def _bytes_to_unicode():
     return {b: chr(c) for b, c in zip(keep, chars)}
 
 
-def read_tokenizer_json(path, pattern):
-    """transformers' tokenizer.json of a nanochat model (byte-level BPE; the ids are tiktoken's
-    ranks) -> our Tokenizer. The split pattern is nanochat's (pattern)."""
+def read_tokenizer_json(path, default_pattern):
+    """transformers' tokenizer.json of a nanochat model (byte-level BPE whose ids are tiktoken's
+    ranks) -> our Tokenizer. The split pattern is the file's own Split regex, else default_pattern."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -118,6 +118,9 @@ def read_tokenizer_json(path, pattern):
         added = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: not a transformers tokenizer.json ({type(e).__name__}: {e})") from None
+    pre = data.get("pre_tokenizer") or {}
+    splits = [p for p in [pre, *pre.get("pretokenizers", [])] if p.get("type") == "Split"]
+    pattern = splits[0]["pattern"].get("Regex", default_pattern) if splits else default_pattern
     byte_of = {c: b for b, c in _bytes_to_unicode().items()}
     ranks = {}
     for token, idx in vocab.items():
@@ -211,6 +214,18 @@ def window_sizes(window_pattern, n_layer, sequence_len, short_window):
     sizes = [sequence_len if pattern[i % len(pattern)] == "L" else short_window(sequence_len) for i in range(n_layer)]
     sizes[-1] = sequence_len
     return tuple(sizes)
+
+
+def trunk_features(n_layer, sequence_len, window_pattern="SSSL", block_pattern=""):
+    """nanochat master's trunk features for a model of this project (base_train --nanochat-arch):
+    resid/x0 scalars, value embeddings on alternate attention layers, smear and backout, sliding
+    windows. Rope base, q/k gain and attention scale stay this project's (tuned for tiny heads)."""
+    g = GENERATIONS["G4"]
+    pattern = block_pattern or "T" * n_layer
+    windows = window_sizes(window_pattern, n_layer, sequence_len, g["short_window"])
+    return dict(residual_scalars=True, smear_width=g["smear_width"], backout_layer=n_layer // 2,
+                value_embed_layers=tuple(i for i in range(n_layer) if i % 2 == (n_layer - 1) % 2 and pattern[i] == "T"),
+                attn_windows=tuple(w if pattern[i] == "T" else 0 for i, w in enumerate(windows)))
 
 
 def model_config(cfg, state, generation, softcap=None, rope_bf16=None):

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from nanochat.common import compute_init, compute_cleanup, print0, init_wandb, autocast_ctx, die
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.mamba import MAMBA_INITS
+from nanochat.nanochat_format import trunk_features
 from nanochat.tokenizer import get_tokenizer
 from tasks.pretraining import GENERATED
 from nanochat.dataset import get_source
@@ -54,6 +55,9 @@ parser.add_argument("--max-seq-len", type=int, default=1024, help="context lengt
 parser.add_argument("--tie-embeddings", action="store_true",
                     help="one matrix for token embedding and output head (small models copy names from documents far sooner)")
 # data
+parser.add_argument("--nanochat-arch", action="store_true",
+                    help="karpathy/nanochat master's trunk features: resid/x0 scalars, value embeddings on alternate layers, "
+                         "smear + backout, SSSL sliding windows (docs/nanochat-import.md: what they bought here)")
 parser.add_argument("--short-conv", type=int, default=0,
                     help="T blocks: taps of a causal depthwise conv over the attention input, so each key also "
                          "sees the tokens just before it (Canon layers); 4 helps a small model learn to look "
@@ -122,9 +126,10 @@ except (FileNotFoundError, ValueError) as e:
 token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.long, device=device)
 vocab_size = ((tokenizer.get_vocab_size() + 63) // 64) * 64   # padded: faster matmuls, room to spare
 try:
+    features = trunk_features(args.depth, args.max_seq_len, block_pattern=args.block_pattern.upper()) if args.nanochat_arch else {}
     config = config_from_depth(args.depth, vocab_size, args.max_seq_len, args.aspect_ratio, args.head_dim,
                                args.block_pattern.upper(), tie_embeddings=args.tie_embeddings,
-                               short_conv=args.short_conv, mamba_init=args.mamba_init)
+                               short_conv=args.short_conv, mamba_init=args.mamba_init, **features)
 except ValueError as e:
     die(str(e))
 model_tag = args.model_tag or model_tag_for(args.depth, config.block_pattern)

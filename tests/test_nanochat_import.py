@@ -477,3 +477,17 @@ def test_speedrun_from_nanochat_smoke(tmp_path):
         assert (run_dir / "logs" / f"{stage}.done").exists(), stage
     report = (run_dir / "report.md").read_text()
     assert "imported with `scripts.import_nanochat`" in report and "| import |" in report
+
+
+def test_transformers_tokenizer_json_encodes_as_nanochat(nano_tokenizer, tmp_path):
+    """A tokenizer.json as transformers' tiktoken converter writes it (the hub's nanochat repositories)."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+    tok_dir, enc = nano_tokenizer
+    nf.read_tokenizer_pkl(os.path.join(tok_dir, "tokenizer.pkl")).save(str(tmp_path / "ours"))
+    converted = TikTokenConverter(vocab_file=str(tmp_path / "ours" / "mergeable_ranks.tiktoken"), pattern=enc._pat_str,
+                                  extra_special_tokens=list(NANOCHAT_SPECIALS)).converted()
+    converted.save(str(tmp_path / "tokenizer.json"))
+    tok = nf.read_tokenizer_json(str(tmp_path / "tokenizer.json"), "unused")
+    text = "The red king (1234) lived in a city; over   the river!\nA new line."
+    assert tok.encode(text) == enc.encode_ordinary(text) == converted.encode(text).ids
+    assert [tok.encode_special(n) for n in NANOCHAT_SPECIALS] == [enc.encode_single_token(n) for n in NANOCHAT_SPECIALS]
