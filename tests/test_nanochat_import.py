@@ -29,7 +29,8 @@ REF = {
     "G3": dict(rope=1e5, gain=1.15, bf16=False, short=lambda T: -(-T // 3 // 128) * 128, gate=(12, 3.0), smear=False, lambdas=True),
     "G4": dict(rope=1e5, gain=1.2, bf16=False, short=lambda T: -(-T // 4 // 128) * 128, gate=(12, 3.0), smear=True, lambdas=True),
 }
-L, H, KV, C, SEQ = 5, 4, 2, 64, 160   # odd depth, GQA; windows (40-80) shorter than the rows (100)
+L, H, KV, C, SEQ = 5, 4, 2, 64, 160   # odd depth, GQA; short windows (80 or 128) shorter than the rows (150)
+PREFILL, DECODE = 120, 20              # cached decode runs past the 128-token windows too
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +162,7 @@ def load_imported(out, phase="base"):
             os.environ["NANOCHAT_BASE_DIR"] = old
 
 
-def token_rows(V, n=3, T=100, seed=1):
+def token_rows(V, n=3, T=150, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, V, (n, T), generator=g)
 
@@ -180,10 +181,10 @@ def check_paths(model, expected, idx):
         diffs = {"full": (full[..., :V] - expected).abs().max().item()}
         assert torch.equal(full[..., :V].argmax(-1), expected.argmax(-1))
         cache = InferenceCache(model, idx.size(0), 16)
-        steps = [model(idx[:, :60], cache=cache)[:, -1]]
-        steps += [model(idx[:, t:t + 1], cache=cache)[:, -1] for t in range(60, 80)]
-        diffs["cached"] = (torch.stack(steps, 1)[..., :V] - expected[:, 59:80]).abs().max().item()
-        lengths = torch.tensor([37, 100, 71][:idx.size(0)])
+        steps = [model(idx[:, :PREFILL], cache=cache)[:, -1]]
+        steps += [model(idx[:, t:t + 1], cache=cache)[:, -1] for t in range(PREFILL, PREFILL + DECODE)]
+        diffs["cached"] = (torch.stack(steps, 1)[..., :V] - expected[:, PREFILL - 1:PREFILL + DECODE]).abs().max().item()
+        lengths = torch.tensor([37, 150, 71][:idx.size(0)])
         cache = InferenceCache(model, idx.size(0), 16)
         ragged = model(idx * (torch.arange(idx.size(1)) < lengths[:, None]), cache=cache, lengths=lengths)
         diffs["ragged"] = max((ragged[b, :V] - expected[b, lengths[b] - 1]).abs().max().item() for b in range(idx.size(0)))
@@ -402,7 +403,7 @@ def test_parity_with_nanochat_checkout(nano_tokenizer, tmp_path):
     with open(tmp_path / "tokens.json", "w") as f:
         json.dump(idx.tolist(), f)
     subprocess.run([python, harness, "logits", "--nanochat", repo, "--ckpt", str(ckpt), "--tokens", str(tmp_path / "tokens.json"),
-                    "--out", str(tmp_path / "ref.npz"), "--prefill", "60", "--decode", "20"], check=True, capture_output=True, text=True)
+                    "--out", str(tmp_path / "ref.npz"), "--prefill", str(PREFILL), "--decode", str(DECODE)], check=True, capture_output=True, text=True)
     ref = np.load(tmp_path / "ref.npz")
     expected = torch.stack([torch.from_numpy(ref[f"full_{r}"]) for r in range(idx.size(0))])
     # NANOCHAT_IMPORT_ARGS: what the weights cannot tell, e.g. "--softcap 20" for commits aba30cb..6ed7d1d
@@ -412,7 +413,7 @@ def test_parity_with_nanochat_checkout(nano_tokenizer, tmp_path):
     diffs = check_paths(model, expected, idx)
     if "cached" in ref:   # nanochat's own cached decode agrees with ours too
         with torch.no_grad():
-            full = model(idx[:1])[0, 59:80, :V]
+            full = model(idx[:1])[0, PREFILL - 1:PREFILL + DECODE, :V]
         diffs["nanochat_cached"] = (full - torch.from_numpy(ref["cached"])).abs().max().item()
         assert diffs["nanochat_cached"] <= CACHED_TOL, diffs
     print(meta["imported_from"]["generation"], diffs)
