@@ -81,7 +81,8 @@ class GPTConfig:
             raise ValueError(f"backout_layer {self.backout_layer} must be < n_layer {self.n_layer}")
 
     def to_dict(self):
-        return asdict(self)
+        """As saved in a checkpoint's meta (JSON: tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 def config_from_depth(depth, vocab_size, sequence_len, aspect_ratio=64, head_dim=64, block_pattern="", **options):
