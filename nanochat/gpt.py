@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat.mamba import MAMBA_INITS, Mamba2Mixer, conv_window
+
 
 @dataclass
 class GPTConfig:
@@ -59,7 +61,6 @@ class GPTConfig:
         if len(self.block_pattern) != self.n_layer:
             raise ValueError(f"--block-pattern {self.block_pattern!r} has {len(self.block_pattern)} letters "
                              f"but the model has {self.n_layer} layers (--depth)")
-        from nanochat.mamba import MAMBA_INITS
         if self.mamba_init not in MAMBA_INITS:
             raise ValueError(f"--mamba-init must be one of {', '.join(MAMBA_INITS)}, got {self.mamba_init!r}")
         if self.short_conv < 0 or self.short_conv == 1:
@@ -169,17 +170,6 @@ def short_causal_conv(x, weight, initial=None, seq_idx=None):
     return out
 
 
-def conv_window(state, x, lengths=None):
-    """The last w inputs after feeding x (B, T, C) to a conv whose window was state (B, C, w):
-    with lengths, the w columns that end at row b's last real token (right padding ignored)."""
-    B, C, w = state.shape
-    cols = torch.cat([state, x.transpose(1, 2).to(state.dtype)], dim=-1)
-    if lengths is None:
-        return cols[:, :, -w:]
-    idx = lengths.to(x.device)[:, None] + torch.arange(w, device=x.device)
-    return cols.gather(2, idx[:, None, :].expand(B, C, w))
-
-
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -197,7 +187,6 @@ class Block(nn.Module):
         if self.kind == "T":
             self.attn = CausalSelfAttention(config, layer_idx)
         else:
-            from nanochat.mamba import Mamba2Mixer
             self.mixer = Mamba2Mixer(config.n_embd, d_state=config.mamba_d_state, expand=config.mamba_expand,
                                      headdim=config.mamba_headdim, chunk_size=config.mamba_chunk_size,
                                      layer_idx=layer_idx, init=config.mamba_init)

@@ -34,7 +34,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.gpt import conv_window
+
+def conv_window(state, x, lengths=None):
+    """The last w inputs after feeding x (B, T, C) to a conv whose window was state (B, C, w):
+    with lengths, the w columns that end at row b's last real token (right padding ignored)."""
+    B, C, w = state.shape
+    cols = torch.cat([state, x.transpose(1, 2).to(state.dtype)], dim=-1)
+    if lengths is None:
+        return cols[:, :, -w:]
+    idx = lengths.to(x.device)[:, None] + torch.arange(w, device=x.device)
+    return cols.gather(2, idx[:, None, :].expand(B, C, w))
+
 
 # -----------------------------------------------------------------------------
 # Optional CUDA kernels (pip install ".[gpu]", see README). Never needed for correctness.

@@ -492,3 +492,20 @@ def test_transformers_tokenizer_json_encodes_as_nanochat(nano_tokenizer, tmp_pat
     text = "The red king (1234) lived in a city; over   the river!\nA new line."
     assert tok.encode(text) == enc.encode_ordinary(text) == converted.encode(text).ids
     assert [tok.encode_special(n) for n in NANOCHAT_SPECIALS] == [enc.encode_single_token(n) for n in NANOCHAT_SPECIALS]
+
+
+def test_chat_model_import_renders_as_nanochat(nano_tokenizer, tmp_path):
+    """--as sft: a nanochat chat model sees message text as nanochat rendered it (no leading space)."""
+    tok_dir, enc = nano_tokenizer
+    write_checkpoint(tmp_path / "ckpt", "G4", enc.n_vocab)
+    proc = import_checkpoint(tmp_path / "ckpt", tok_dir, tmp_path / "out", "--as", "sft")
+    assert proc.returncode == 0, proc.stderr
+    assert "scripts.chat_cli --source sft" in proc.stdout
+    _, tokenizer, meta = load_imported(tmp_path / "out", phase="sft")
+    assert meta["text_prefix"] == "" and tokenizer.text_prefix == ""
+    ids, _ = tokenizer.render_conversation({"messages": [{"role": "user", "content": "the red king"},
+                                                          {"role": "assistant", "content": "a city"}]})
+    S = tokenizer.special
+    assert ids == ([S["<|bos|>"], S["<|user_start|>"]] + enc.encode_ordinary("the red king") + [S["<|user_end|>"], S["<|assistant_start|>"]]
+                   + enc.encode_ordinary("a city") + [S["<|assistant_end|>"]])
+    assert tokenizer.decode_text(enc.encode_ordinary("a city")) == "a city"
