@@ -31,8 +31,7 @@ from nanochat.tokenizer import Tokenizer, get_tokenizer_dir, SPLIT_PATTERN
 from nanochat import nanochat_format as nf
 
 parser = argparse.ArgumentParser(description="Import a karpathy/nanochat checkpoint (or a transformers NanoChatForCausalLM "
-                                 "directory) as this project's checkpoint and tokenizer.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 "directory) as this project's checkpoint and tokenizer.")
 parser.add_argument("--from", dest="source", required=True,
                     help="nanochat checkpoint directory (model_<step>.pt + meta_<step>.json, e.g. ~/.cache/nanochat/base_checkpoints/d20), "
                          "or a directory with config.json + model.safetensors (NanoChatForCausalLM.save_pretrained)")
@@ -53,7 +52,7 @@ parser.add_argument("--rope-bf16", default="auto", choices=["auto", "yes", "no"]
 parser.add_argument("--short-conv", type=int, default=0,
                     help="add this project's short causal conv (taps) to each attention input, all zero: the logits stay "
                          "nanochat's exactly, and fine-tuning can use it to read (the CPU recipe uses 4; 0: none)")
-parser.add_argument("--seed", type=int, default=0, help="seed of the small noise on the new tokens' embedding rows")
+parser.add_argument("--seed", type=int, default=0, help="seed of the small noise on the new tokens' embedding rows (default 0)")
 args = parser.parse_args()
 
 
@@ -71,6 +70,10 @@ def find_tokenizer(source, is_hf):
 def main():
     source = os.path.expanduser(args.source)
     out_base = os.path.abspath(os.path.expanduser(args.out_base_dir)) if args.out_base_dir else get_base_dir()
+    if not os.path.isdir(source):
+        raise UserError(f"--from {source}: no such directory")
+    if args.short_conv < 0 or args.short_conv == 1:
+        raise UserError(f"--short-conv is a number of taps >= 2 (or 0 for none), got {args.short_conv}")
     is_hf = nf.is_transformers_dir(source)
 
     # 1. tokenizer
