@@ -3,7 +3,9 @@ The GPT: a stack of blocks chosen by `block_pattern`, one character per layer:
   T = attention (RoPE, QK-norm, GQA) + MLP
   M = Mamba-2 mixer + MLP (see nanochat/mamba.py)
 Other choices, as in nanochat: parameter-free RMSNorm, ReLU² MLP, untied embeddings (tied
-with tie_embeddings), logit soft-cap, no biases.
+with tie_embeddings), logit soft-cap, no biases. The features of karpathy/nanochat's later
+generations (sliding windows, resid/x0 scalars, value embeddings, smear, backout, ...) are in
+GPTConfig, off by default: scripts/import_nanochat.py turns on what a checkpoint has.
 
 Inference uses an InferenceCache with one slot per layer (KV for T, conv+SSM state for M)
 and a length per row, so the Engine can advance rows independently: a retrieved document
