@@ -19,12 +19,11 @@ import copy
 import json
 import time
 import shutil
-import hashlib
 
 from nanochat.retrieval import FUSION_OPTIONS, check_options, check_retriever_name, make_retriever
+from nanochat.retrieval.manifest import FORMAT_VERSION, read_manifest, sha256_file
 from nanochat.retrieval.documents import Document, chunk_document, content_key, index_text, read_documents, TOKENIZER_VERSION
 
-FORMAT_VERSION = 1
 BUILDABLE = ("simple", "bm25", "dense")
 DEFAULTS = dict(chunk_words=200, overlap=40, bm25_method="lucene", k1=1.5, b=0.75, index="flat")
 EMPTY_SHOWN = 5   # locations of empty documents a summary lists
@@ -32,14 +31,6 @@ EMPTY_SHOWN = 5   # locations of empty documents a summary lists
 
 # -----------------------------------------------------------------------------
 # small file helpers
-
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def _write_jsonl(path, docs):
     with open(path, "w", encoding="utf-8") as f:
@@ -70,31 +61,6 @@ class KB:
         self.directory, self.manifest, self.documents, self.chunks = directory, manifest, documents, chunks
 
 
-def _interrupted_hint(kb_dir):
-    parent, name = os.path.split(os.path.abspath(kb_dir))
-    olds = [n for n in os.listdir(parent) if n.startswith(f".{name}.old-")] if os.path.isdir(parent) else []
-    return f" ({os.path.join(parent, olds[0])} is the KB from an interrupted build: rename it back)" if olds else ""
-
-
-def read_manifest(kb_dir):
-    if not os.path.isdir(kb_dir):
-        raise FileNotFoundError(f"{kb_dir}: knowledge base directory not found{_interrupted_hint(kb_dir)}; "
-                                f"build one with `python -m kb_tools.build_kb`")
-    path = os.path.join(kb_dir, "manifest.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: not found; {kb_dir} is not a knowledge base built by kb_tools.build_kb")
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-        version = manifest["format_version"]
-    except (ValueError, KeyError, TypeError):
-        raise ValueError(f"{path}: unreadable manifest (no format_version); rebuild the KB") from None
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(f"{path}: KB format version {version} is newer than this code reads ({FORMAT_VERSION}); "
-                         f"update nanochat-rag or rebuild the KB")
-    return manifest
-
-
 def load_kb(kb_dir, verify=True):
     """Manifest + documents + chunks, with every file checked against the manifest's sha256
     (sha256 runs at ~1 GB/s, so even a million-chunk KB verifies in seconds)."""
@@ -104,7 +70,7 @@ def load_kb(kb_dir, verify=True):
             path = os.path.join(kb_dir, name)
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{path}: missing from the KB; rebuild it")
-            if _sha256(path) != digest:
+            if sha256_file(path) != digest:
                 raise ValueError(f"{path}: checksum mismatch (file changed since the build); rebuild the KB")
     documents = _read_jsonl(os.path.join(kb_dir, "docs.jsonl"))
     chunks = _read_jsonl(os.path.join(kb_dir, "chunks.jsonl"))
@@ -260,7 +226,7 @@ def build_kb(inputs, out_dir, retrievers=None, chunk_words=None, overlap=None, m
                 encoder = old.manifest["query_encoder"]
                 shutil.copytree(os.path.join(out_dir, encoder["dir"]), os.path.join(tmp, encoder["dir"]))
                 manifest["query_encoder"] = encoder
-        manifest["checksums"] = {f: _sha256(os.path.join(tmp, f)) for f in _kb_files(tmp)}
+        manifest["checksums"] = {f: sha256_file(os.path.join(tmp, f)) for f in _kb_files(tmp)}
         with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2)
         # the swap: two renames on the same filesystem; the old KB is deleted only after the new one is in place

@@ -18,6 +18,8 @@ import json
 import time
 import shutil
 
+from nanochat.retrieval.manifest import read_manifest, sha256_file
+
 ENCODER_PREFIX = "query_encoder-"
 
 
@@ -49,7 +51,6 @@ def save_beside_checkpoint(model, ckpt_dir):
 def save_encoder(kb_dir, model, info, metrics_rows=()):
     """Write `model` into the KB as its query encoder, `info` under manifest["query_encoder"].
     Returns the encoder's directory."""
-    from nanochat.retrieval.kb import read_manifest, _sha256
     manifest = read_manifest(kb_dir)
     if "dense" not in manifest.get("retrievers", []):
         raise ValueError(f"{kb_dir}: the KB has no dense index; a query encoder needs one")
@@ -80,7 +81,7 @@ def save_encoder(kb_dir, model, info, metrics_rows=()):
             dirs.sort()
             for n in sorted(names):
                 rel = os.path.relpath(os.path.join(root, n), kb_dir)
-                checksums[rel] = _sha256(os.path.join(root, n))
+                checksums[rel] = sha256_file(os.path.join(root, n))
         manifest["checksums"] = checksums
         manifest["query_encoder"] = dict(info, dir=name, created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         with open(tmp_manifest, "w", encoding="utf-8") as f:
