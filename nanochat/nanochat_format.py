@@ -15,7 +15,6 @@ Our GPT names the nanochat features as nanochat does, so a converted state dict 
 import os
 import re
 import json
-import math
 import pickle
 
 import torch
