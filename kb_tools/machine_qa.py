@@ -12,11 +12,21 @@ DIR/<name>_qa.jsonl ({"question", "answers", "supporting_ids", "type"}, for chat
     currencies   /usr/share/iso-codes/json/iso_4217.json                          (if installed)
     services     /etc/services: service name, port, protocol, comment            (if present)
     manpages     /usr/share/man/man1: a command's NAME line and first description  (if installed)
+    dpkg         /var/lib/dpkg/status: installed Debian packages, every field and the description
+                 prose (Version, Installed-Size, Section, Maintainer, ...)           (Debian machines)
+    pymeta       METADATA of the installed Python distributions: Name, Version, Summary, License,
+                 Requires-Python, ... and the start of the long description          (every machine)
+
+dpkg and pymeta are multi-field entries of 100-500 tokens where several values are of one kind
+(a version, a size and versions inside Depends; a version and Requires-Python) and many entries
+have the same shape, so only reading the entry the question names, under the key it asks for,
+answers them. They are development sets: not among the six sets the speedrun reports.
 
 The documents keep each source's own wording and layout; the questions are written per source
 (not by the reading-drill generator), with the answer a span of the gold document.
 
     python -m kb_tools.machine_qa --out data/machine [--sources httpstatus,errno] [--max-questions 500]
+    python -m kb_tools.machine_qa --out data/machine --sources dpkg,pymeta       # the multi-field sets
 """
 import os
 import re
@@ -26,6 +36,7 @@ import random
 import argparse
 
 ISO_DIR = "/usr/share/iso-codes/json"
+DPKG_STATUS = "/var/lib/dpkg/status"
 SERVICES = "/etc/services"
 MAN1 = "/usr/share/man/man1"
 
@@ -173,8 +184,134 @@ def manpages(limit=400):
     return (docs, qs) if docs else None
 
 
+def _pick(rng, templates, **values):
+    """One wording of a question, seeded: the key is asked in more ways than the entry spells it."""
+    return rng.choice(templates).format(**values)
+
+
+DPKG_QUESTIONS = {
+    "Version": ["What is the version of the {name} package?", "Which version of {name} is installed?",
+                "What version is the installed {name} package?"],
+    "Installed-Size": ["What is the installed size of {name}?", "How much disk space does the {name} package take once installed?",
+                       "What is the size of the installed {name} package?"],
+    "Section": ["In which section is the {name} package?", "Which archive section does {name} belong to?"],
+    "Source": ["What is the source package of {name}?", "Which source package is {name} built from?"],
+    "Maintainer": ["Who maintains the {name} package?", "Who is the maintainer of {name}?"],
+    "Homepage": ["What is the homepage of {name}?", "Where is the home page of the {name} package?"],
+    "Description": ["What is the short description of {name}?", "How does the {name} package describe itself in one line?"],
+}
+
+
+def dpkg(limit=400):
+    """Installed Debian packages from the dpkg database: one entry per package, its fields as dpkg
+    writes them (Status, Multi-Arch and Conffiles dropped: bookkeeping, not facts about the package)."""
+    if not os.path.exists(DPKG_STATUS):
+        return None
+    with open(DPKG_STATUS, encoding="utf-8", errors="replace") as f:
+        stanzas = [s for s in f.read().split("\n\n") if s.strip()]
+    rng = random.Random("dpkg")
+    docs, qs = [], []
+    for stanza in rng.sample(stanzas, len(stanzas)):
+        if len(docs) >= limit:
+            break
+        fields, lines, key = {}, [], None
+        for line in stanza.splitlines():
+            if line[:1] in (" ", "\t"):
+                if key not in ("Conffiles",):
+                    lines.append(line)
+                continue
+            key, _, value = line.partition(":")
+            if key in ("Status", "Multi-Arch", "Conffiles"):
+                continue
+            fields[key] = value.strip()
+            lines.append(line)
+        name = fields.get("Package")
+        if not name or "Version" not in fields or "install ok installed" not in stanza:
+            continue
+        doc_id = f"dpkg-{name}"
+        docs.append({"id": doc_id, "title": name, "text": "\n".join(lines)})
+        for key, templates in DPKG_QUESTIONS.items():
+            value = fields.get(key, "")
+            if not value:
+                continue
+            answer, more = value, ()
+            if key == "Maintainer":
+                answer, more = re.sub(r"\s*<[^>]*>", "", value).strip(), (value,)   # the name; the address is not asked
+            if key == "Installed-Size":
+                more = (f"{value} KiB", f"{value} kB")
+            if len(answer.split()) > 12 or answer not in docs[-1]["text"]:
+                continue
+            qs.append(qa(_pick(rng, templates, name=name), answer, doc_id, key.lower(), more))
+    return (docs, qs) if docs else None
+
+
+PYMETA_QUESTIONS = {
+    "Version": ["What is the version of the Python package {name}?", "Which version of {name} is installed?"],
+    "Summary": ["What is the summary of the Python package {name}?", "How does {name} describe itself in one line?"],
+    "License": ["Under which license is {name} distributed?", "What is the license of the Python package {name}?"],
+    "Requires-Python": ["Which Python versions does {name} require?", "What is the Requires-Python of {name}?"],
+    "Author": ["Who is the author of the Python package {name}?", "Who wrote {name}?"],
+    "Home-page": ["What is the home page of the Python package {name}?"],
+}
+PYMETA_LIST_KEYS = ("Classifier", "Requires-Dist", "Project-URL", "Provides-Extra", "License-File")
+
+
+def _site_dirs():
+    import site
+    import sysconfig
+    dirs = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages(), "/usr/lib/python3/dist-packages"]
+    return [d for k, d in enumerate(dirs) if os.path.isdir(d) and d not in dirs[:k]]
+
+
+def pymeta(limit=400, description_chars=300):
+    """Installed Python distributions' METADATA (core metadata, RFC 822 style): the header fields
+    (lists such as Classifier and Requires-Dist kept to their first 3 lines, licence texts
+    longer than a line dropped), then the start of the long description."""
+    from email.parser import Parser
+    paths = sorted({os.path.join(d, n, "METADATA") for d in _site_dirs() for n in os.listdir(d) if n.endswith(".dist-info")})
+    rng = random.Random("pymeta")
+    docs, qs, seen = [], [], set()
+    for path in rng.sample(paths, len(paths)):
+        if len(docs) >= limit:
+            break
+        try:
+            with open(path, encoding="utf-8") as f:
+                msg = Parser().parse(f)
+        except (OSError, UnicodeDecodeError):
+            continue
+        name = msg.get("Name")
+        if not name or "Version" not in msg or name.lower() in seen:
+            continue
+        seen.add(name.lower())
+        lines, counts, fields = [], {}, {}
+        for key, value in msg.items():
+            value = " ".join(str(value).split())
+            if not value or len(value) > 200:
+                continue
+            counts[key] = counts.get(key, 0) + 1
+            if key in PYMETA_LIST_KEYS and counts[key] > 3:
+                continue
+            fields.setdefault(key, value)
+            lines.append(f"{key}: {value}")
+        body = (msg.get_payload() or msg.get("Description") or "").strip()
+        body = body[:description_chars].rsplit("\n", 1)[0] if len(body) > description_chars else body
+        doc_id = f"pymeta-{name.lower()}"
+        docs.append({"id": doc_id, "title": name, "text": "\n".join(lines) + ("\n\n" + body if body else "")})
+        if "Author" not in fields and "Author-email" in fields:   # "Name <address>", as modern metadata writes it
+            author = re.sub(r"\s*<[^>]*>", "", fields["Author-email"]).strip(" ,")
+            if author and "@" not in author:
+                fields["Author"] = author
+        for key, templates in PYMETA_QUESTIONS.items():
+            value = fields.get(key, "")
+            if not value or value.upper() == "UNKNOWN" or len(value.split()) > 12 or value not in docs[-1]["text"]:
+                continue   # (an author taken from several "Name <address>" is no span of the entry)
+            qs.append(qa(_pick(rng, templates, name=name), value, doc_id, key.lower()))
+    return (docs, qs) if docs else None
+
+
 SOURCES = {"httpstatus": httpstatus, "errno": errno_table, "countries": countries, "currencies": currencies,
-           "services": services, "manpages": manpages}
+           "services": services, "manpages": manpages, "dpkg": dpkg, "pymeta": pymeta}
+DEFAULT_SOURCES = ("httpstatus", "errno", "countries", "currencies", "services", "manpages")   # the speedrun's six
 
 
 def build(out_dir, names, max_questions=500, seed=0):
@@ -201,7 +338,8 @@ def build(out_dir, names, max_questions=500, seed=0):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Build real KBs and question sets from text on this machine (zero-shot reading tests)")
     parser.add_argument("--out", required=True, help="output directory for <name>_kb.jsonl and <name>_qa.jsonl")
-    parser.add_argument("--sources", default=",".join(SOURCES), help=f"comma list of: {', '.join(SOURCES)} (missing ones are skipped)")
+    parser.add_argument("--sources", default=",".join(DEFAULT_SOURCES),
+                        help=f"comma list of: {', '.join(SOURCES)} (default the six the speedrun reports; missing ones are skipped)")
     parser.add_argument("--max-questions", type=int, default=500, help="questions per source at most (a seeded sample)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 import torch
 
 from nanochat.gpt import InferenceCache
-from nanochat.tokenizer import DEFAULT_MAX_DOC_TOKENS
 
 # ---- calculator -------------------------------------------------------------------------------
 _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
@@ -99,12 +98,16 @@ class RowState:
     completed: bool = False
 
 
+ANSWER_ROOM = 32   # context kept free after injected documents: the next search or the answer
+
+
 class Engine:
-    def __init__(self, model, tokenizer, retriever=None, search_top_k=3, max_searches=4,
-                 max_doc_tokens=DEFAULT_MAX_DOC_TOKENS, max_injected_tokens=2048):
+    def __init__(self, model, tokenizer, retriever=None, search_top_k=3, max_searches=4, max_injected_tokens=2048):
         self.model, self.tokenizer, self.retriever = model, tokenizer, retriever
-        self.search_top_k, self.max_searches = search_top_k, max_searches
-        self.max_doc_tokens, self.max_injected_tokens = max_doc_tokens, max_injected_tokens
+        self.search_top_k, self.max_searches, self.max_injected_tokens = search_top_k, max_searches, max_injected_tokens
+        # search results get what is left of the model's context after ANSWER_ROOM tokens for what it writes next
+        config = getattr(model, "config", None)
+        self.context_len = getattr(config, "sequence_len", None)
         S = tokenizer.special
         self.S = S
         self.banned = [S[t] for t in ("<|doc_start|>", "<|doc_end|>", "<|output_start|>", "<|output_end|>")]
@@ -172,11 +175,13 @@ class Engine:
             results = retriever.search_batch([q for _, q in group], top_k)
             for (i, _), hits in zip(group, results):
                 row = rows[i]
-                docs = [h.document.to_dict() for h in hits]
-                ids = self.tokenizer.render_documents(docs, row.num_docs_shown + 1, self.max_doc_tokens)
-                while docs and row.injected_tokens + len(ids) > self.max_injected_tokens:
-                    docs = docs[:-1]   # over the injection budget: show fewer documents
-                    ids = self.tokenizer.render_documents(docs, row.num_docs_shown + 1, self.max_doc_tokens)
+                docs = [dict(h.document.to_dict(), id=h.document.doc_id) for h in hits]   # a chunk counts as its document
+                room = self.max_injected_tokens - row.injected_tokens
+                if self.context_len:
+                    room = min(room, self.context_len - len(row.tokens) - ANSWER_ROOM)
+                # the same rule as a rendered conversation (Tokenizer.fit_documents): in rank order, whole while they fit
+                ids = self.tokenizer.render_documents(docs, row.num_docs_shown + 1, room=room)
+                docs = docs[:ids.count(self.S["<|doc_start|>"])]
                 row.parts.append({"type": "search_results", "documents": docs})
                 row.num_docs_shown += len(docs)
                 if ids:

@@ -146,13 +146,32 @@ def shown_rank_metrics(shown, gold, k):
             "mrr": sum(1.0 / r for r in ranks if r) / n}
 
 
-def error_class(answer, correct, shown_ids, gold_ids):
-    """Why an answer is wrong: 'no answer' (nothing written), 'retrieval miss' (no gold document was
-    shown), 'reading miss' (a gold document was shown and the answer is still wrong); None if correct."""
+def documents_containing(answer, documents):
+    """Ids of the documents whose text holds the answer (normalised, whole words): where a wrong
+    answer was copied from, if it was copied."""
+    pred = normalize_answer(answer)
+    if not pred:
+        return []
+    found = []
+    for d in documents:
+        if f" {pred} " in f" {normalize_answer(d.get('title', '') + ' ' + d.get('text', ''))} " and d["id"] not in found:
+            found.append(d["id"])
+    return found
+
+
+def error_class(answer, correct, shown_ids, gold_ids, found_in=()):
+    """Why an answer is wrong (None if correct): 'no answer' (nothing written); 'retrieval miss' (no
+    gold document was shown); else a reading miss, by where the answer came from (found_in: the shown
+    documents holding it): another part of a gold document (another field of the right entry, a
+    fragment of its prose), another document (an entry about something else), or none of them."""
     if correct:
         return None
     if not answer.strip():
         return "no answer"
     if gold_ids and not set(gold_ids) & set(shown_ids):
         return "retrieval miss"
-    return "reading miss"
+    if set(found_in) & set(gold_ids):
+        return "other part of a gold document"
+    if found_in:
+        return "from another document"
+    return "not in the shown documents"

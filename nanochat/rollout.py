@@ -10,7 +10,7 @@ import torch
 
 from nanochat.engine import Engine, RowState
 from nanochat.rag import answer_text, exact_match, f1_score, search_queries, retrieved_documents, \
-    gold_recall, well_formed_query
+    gold_recall, well_formed_query, documents_containing
 
 
 def without_retrieval(conversation):
@@ -79,11 +79,13 @@ def rollouts(model, tokenizer, tasks, examples, num_samples=1, temperature=0.0, 
         prompts = [row.tokens[:len(row.mask) - sum(row.mask)] for row in rows]
     else:
         engine = Engine(model, tokenizer, max_searches=max_searches)
-        prompts = [tokenizer.render_for_completion(c, max_tokens=model.config.sequence_len) for c in conversations]
+        # the prompt leaves room for the answer: what is generated stays within the context the model was trained on
+        prompts = [tokenizer.render_for_completion(c, max_tokens=model.config.sequence_len - max_tokens) for c in conversations]
         rows = engine.generate_batch(prompts, num_samples, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
                                      seed=seed, keep_stop=keep_stop, retrievers=retrievers,
                                      top_ks=[getattr(task, "top_k", 3) for task in tasks])
     results = []
+    doc_start = tokenizer.special["<|doc_start|>"]
     for j, (task, example, conversation, prompt) in enumerate(zip(tasks, examples, conversations, prompts)):
         answers = example.get("answers") or []
         gold = gold_ids(example)
@@ -91,9 +93,12 @@ def rollouts(model, tokenizer, tasks, examples, num_samples=1, temperature=0.0, 
         for row in rows[j * num_samples:(j + 1) * num_samples]:
             parts = row.parts
             queries = search_queries(parts)
-            shown = [d["id"] for d in retrieved_documents(parts)]
-            # documents in the prompt count as retrieved too (RAG: retrieval happened before the question)
-            shown += [d["id"] for m in conversation["messages"] if m["role"] == "retrieval" for d in m["documents"]]
+            searched = retrieved_documents(parts)
+            # documents in the prompt count as shown too (RAG: retrieval happened before the question), those that fit
+            in_prompt = [d for m in conversation["messages"] if m["role"] == "retrieval" for d in m["documents"]]
+            if not ensemble:   # an ensemble reads every document, each in a prompt of its own
+                in_prompt = in_prompt[:prompt.count(doc_start)]
+            shown = [d["id"] for d in searched + in_prompt]
             answer = answer_text(parts)
             samples.append({
                 "row": row,
@@ -106,6 +111,7 @@ def rollouts(model, tokenizer, tasks, examples, num_samples=1, temperature=0.0, 
                 "length": sum(row.mask[len(prompt):]),
                 "answer": answer,
                 "shown": shown,
+                "found_in": documents_containing(answer, searched + in_prompt),
             })
         results.append((prompt, samples))
     return results
@@ -142,7 +148,7 @@ def evaluate_task(model, tokenizer, task, num_examples, max_tokens=64, retrieval
                     counted[k] += 1
             records.append({"question": next(m["content"] for m in reversed(example["messages"]) if m["role"] == "user"),
                             "answers": example.get("answers"), "answer": s["answer"], "parts": s["row"].parts, "em": s["em"],
-                            "shown": s["shown"], "gold": gold_ids(example), "type": example.get("type")})
+                            "shown": s["shown"], "found_in": s["found_in"], "gold": gold_ids(example), "type": example.get("type")})
     if was_training:
         model.train()
     metrics = {k: totals[k] / counted[k] if counted[k] else float("nan") for k in keys}

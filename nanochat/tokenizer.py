@@ -52,7 +52,7 @@ SPECIAL_TOKENS = [
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 
 TRUNCATION_MARKER = " [...]"   # shown where a document was cut to fit its token budget
-DEFAULT_MAX_DOC_TOKENS = 256
+MIN_CUT_DOC_TOKENS = 32        # a document cut shorter than this shows little but its title line: dropped instead
 
 
 class Tokenizer:
@@ -166,52 +166,84 @@ class Tokenizer:
         head = f"[{number}] {title}".rstrip()
         return self.encode(f"{head}\n") + self.encode_text(LINE_START.sub("\n" + self.text_prefix, doc.get("text", "")))
 
-    def render_documents(self, documents, first_number=1, max_doc_tokens=DEFAULT_MAX_DOC_TOKENS):
+    def render_documents(self, documents, first_number=1, max_doc_tokens=None, room=None):
         """Token ids of document blocks, numbered from first_number. The Engine uses this to
-        inject search results, so training and generation see identical blocks."""
+        inject search results, so training and generation see identical blocks. max_doc_tokens caps
+        each body; room (tokens, markers counted) keeps the blocks that fit_documents allows."""
+        bodies = [self._cap(self.encode_document(doc, first_number + k), max_doc_tokens) for k, doc in enumerate(documents)]
+        if room is not None:
+            bodies = self.fit_documents(bodies, room)
         ids = []
-        for k, doc in enumerate(documents):
-            body = self._cap(self.encode_document(doc, first_number + k), max_doc_tokens)
+        for body in bodies:
             ids += [self.special["<|doc_start|>"]] + body + [self.special["<|doc_end|>"]]
         return ids
 
+    def fit_documents(self, bodies, room):
+        """The document bodies to show within `room` tokens (each block's two markers counted), in
+        the order given (rank order, and earlier searches before later ones): each whole while it
+        fits; the first that does not fit is cut to the room left, ending in TRUNCATION_MARKER, if
+        that keeps at least MIN_CUT_DOC_TOKENS of it, else dropped; every document after it is
+        dropped. The best-ranked document is read whole rather than all of them cut short."""
+        shown = []
+        for body in bodies:
+            if len(body) + 2 <= room:
+                shown.append(body)
+                room -= len(body) + 2
+                continue
+            if room - 2 >= MIN_CUT_DOC_TOKENS:
+                shown.append(self._cap(body, room - 2))
+            break
+        return shown
+
     def _cap(self, body, cap):
-        if len(body) <= cap:
+        if cap is None or len(body) <= cap:
             return body
         marker = self.encode(TRUNCATION_MARKER)
         return body[:max(0, cap - len(marker))] + marker
 
-    def render_conversation(self, conversation, max_tokens=2048, max_doc_tokens=DEFAULT_MAX_DOC_TOKENS):
+    def render_conversation(self, conversation, max_tokens=2048, max_doc_tokens=None):
         """
         Tokenize a conversation {"messages": [...]} into (ids, mask).
         Messages: optional system (merged into the first user turn), then user/assistant
         alternating; a {"role": "retrieval", "documents": [...]} message may precede a user turn.
         Assistant content is a string or a list of parts of type text | python | python_output |
-        search | search_results. If the result is longer than max_tokens, documents are cut
-        first (all to one shared cap), and only then the tail of the conversation.
+        search | search_results. Documents get the tokens the rest of the conversation leaves of
+        max_tokens (fit_documents: in order, whole while they fit); only a conversation too long
+        even without them is cut, at its tail. max_doc_tokens: optional cap on each document.
         """
-        segments = self._conversation_segments(conversation)
-        ids, mask = self._assemble(segments, max_doc_tokens)
-        if len(ids) > max_tokens:
-            lo, hi = 0, max_doc_tokens   # largest shared document cap that fits
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                if len(self._assemble(segments, mid)[0]) <= max_tokens:
-                    lo = mid
-                else:
-                    hi = mid - 1
-            ids, mask = self._assemble(segments, lo)
+        ids, mask = self._render(conversation, max_tokens, max_doc_tokens)
         return ids[:max_tokens], mask[:max_tokens]
 
-    def render_for_completion(self, conversation, max_tokens=2048, max_doc_tokens=DEFAULT_MAX_DOC_TOKENS):
+    def render_for_completion(self, conversation, max_tokens=2048, max_doc_tokens=None):
         """Prompt for generation: the conversation without its final assistant turn, primed
-        with <|assistant_start|>. Returns ids only."""
+        with <|assistant_start|>. Returns ids only. The question is never cut: a prompt too long
+        even without documents loses its oldest tokens (after <|bos|>) instead."""
         messages = list(conversation["messages"])
         if messages and messages[-1]["role"] == "assistant":
             messages = messages[:-1]
         # room for <|assistant_start|> at the end
-        ids, _ = self.render_conversation({"messages": messages}, max_tokens - 1, max_doc_tokens)
+        ids, _ = self._render({"messages": messages}, max_tokens - 1, max_doc_tokens)
+        if len(ids) > max_tokens - 1:
+            ids = ids[:1] + ids[len(ids) - (max_tokens - 2):]
         return ids + [self.special["<|assistant_start|>"]]
+
+    def _render(self, conversation, max_tokens, max_doc_tokens):
+        """(ids, mask) with the documents fitted to what the other tokens leave of max_tokens."""
+        segments = self._conversation_segments(conversation)
+        fixed = sum(len(toks) for kind, toks, _ in segments if kind == "tok")
+        bodies = [self._cap(toks, max_doc_tokens) for kind, toks, _ in segments if kind == "doc"]
+        shown = iter(self.fit_documents(bodies, max_tokens - fixed))
+        start, end = self.special["<|doc_start|>"], self.special["<|doc_end|>"]
+        ids, mask = [], []
+        for kind, toks, m in segments:
+            if kind == "doc":
+                body = next(shown, None)   # shown is a prefix of the documents: once out, the rest are dropped
+                if body is None:
+                    continue
+                toks = [start] + body + [end]
+            ids += toks
+            mask += [m] * len(toks)
+        return ids, mask
 
     def _conversation_segments(self, conversation):
         """A conversation as a list of (kind, ids_or_doc_body, mask): kind 'tok' or 'doc'."""
@@ -278,16 +310,6 @@ class Tokenizer:
             segs.append(("tok", [S["<|assistant_end|>"]], 1))
             expected = "user"
         return segs
-
-    def _assemble(self, segments, doc_cap):
-        ids, mask = [], []
-        start, end = self.special["<|doc_start|>"], self.special["<|doc_end|>"]
-        for kind, toks, m in segments:
-            if kind == "doc":
-                toks = [start] + self._cap(toks, doc_cap) + [end]
-            ids += toks
-            mask += [m] * len(toks)
-        return ids, mask
 
     def visualize(self, ids, mask):
         """Debug view: supervised tokens green, the rest grey (ANSI)."""

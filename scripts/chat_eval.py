@@ -122,7 +122,7 @@ else:
         # every wrong answer, classed: why did it fail, by question type?
         errors = {}
         for r in records:
-            r["error"] = error_class(r["answer"], r["em"] == 1, r["shown"], r["gold"])
+            r["error"] = error_class(r["answer"], r["em"] == 1, r["shown"], r["gold"], r["found_in"])
             if r["error"]:
                 by_type = errors.setdefault(r["type"] or "all", {})
                 by_type[r["error"]] = by_type.get(r["error"], 0) + 1

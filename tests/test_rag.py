@@ -336,7 +336,7 @@ def test_examples_are_copies_and_the_engine_can_search_an_examples_own_kb():
 def test_overlap_metrics_match_the_libraries_and_error_classes():
     import sacrebleu
     from rouge_score import rouge_scorer
-    from nanochat.rag import overlap_metrics, shown_rank_metrics, error_class
+    from nanochat.rag import overlap_metrics, shown_rank_metrics, error_class, documents_containing
     preds = ["the old king was born in the river city", "Paris", "a cat sat on a red mat today"]
     refs = [["the old king was born in the river city of Tor"], ["Paris", "Paris, France"], ["the cat sat on the red mat"]]
     got = overlap_metrics(preds, refs)
@@ -353,4 +353,11 @@ def test_overlap_metrics_match_the_libraries_and_error_classes():
     assert error_class("Paris", True, [], ["d"]) is None
     assert error_class("  ", False, ["d"], ["d"]) == "no answer"
     assert error_class("Rome", False, ["x"], ["d"]) == "retrieval miss"
-    assert error_class("Rome", False, ["x", "d"], ["d"]) == "reading miss"
+    assert error_class("Rome", False, ["x", "d"], ["d"]) == "not in the shown documents"
+    # a reading miss by where the wrong answer was copied from
+    docs = [{"id": "d", "title": "France", "text": "Capital: Paris\nLargest port: Marseille"},
+            {"id": "x", "title": "Italy", "text": "Capital: Rome"}]
+    assert documents_containing("Marseille", docs) == ["d"] and documents_containing("the Rome.", docs) == ["x"]
+    assert documents_containing("Mars", docs) == [] and documents_containing("", docs) == []
+    assert error_class("Marseille", False, ["d", "x"], ["d"], documents_containing("Marseille", docs)) == "other part of a gold document"
+    assert error_class("Rome", False, ["d", "x"], ["d"], documents_containing("Rome", docs)) == "from another document"

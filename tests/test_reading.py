@@ -1,4 +1,5 @@
 """Reading drills, the held-out split by document, and the machine-made real QA sets."""
+import os
 import json
 
 import pytest
@@ -82,8 +83,13 @@ def test_jsonl_qa_splits(tmp_path):
 
 
 def test_machine_qa_sets_are_spans(tmp_path):
-    made = machine_qa.build(str(tmp_path), ["httpstatus", "errno"])
-    assert set(made) == {"httpstatus", "errno"}   # these two come with Python on every machine
+    made = machine_qa.build(str(tmp_path), ["httpstatus", "errno", "pymeta", "dpkg"], max_questions=200)
+    assert {"httpstatus", "errno", "pymeta"} <= set(made)   # these come with Python on every machine
+    assert ("dpkg" in made) == os.path.exists(machine_qa.DPKG_STATUS)
+    for name in {"pymeta", "dpkg"} & set(made):   # the multi-field sets: long entries, several keys asked
+        docs = [json.loads(line) for line in open(tmp_path / f"{name}_kb.jsonl")]
+        qs = [json.loads(line) for line in open(tmp_path / f"{name}_qa.jsonl")]
+        assert sorted(len(d["text"]) for d in docs)[len(docs) // 2] > 400 and len({q["type"] for q in qs}) >= 4
     for name in made:
         docs = {d["id"]: d for d in map(json.loads, open(tmp_path / f"{name}_kb.jsonl"))}
         qs = [json.loads(line) for line in open(tmp_path / f"{name}_qa.jsonl")]

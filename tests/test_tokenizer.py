@@ -1,7 +1,7 @@
 """Tokenizer: round trips, persistence, and every rule of render_conversation's mask."""
 import pytest
 
-from nanochat.tokenizer import Tokenizer, SPECIAL_TOKENS, TRUNCATION_MARKER
+from nanochat.tokenizer import Tokenizer, SPECIAL_TOKENS, TRUNCATION_MARKER, MIN_CUT_DOC_TOKENS
 
 
 def segments(tok, ids, mask):
@@ -132,23 +132,31 @@ def test_document_cap_and_conversation_cap(tokenizer):
         {"role": "user", "content": "Where was the old king born?"},
         {"role": "assistant", "content": "In the city."},
     ]}
-    ids, mask = tokenizer.render_conversation(conv, max_doc_tokens=40)
-    text = tokenizer.decode(ids)
-    assert text.count(TRUNCATION_MARKER) == 2
-    # each document body is at most 40 tokens
     start, end = tokenizer.special["<|doc_start|>"], tokenizer.special["<|doc_end|>"]
-    bodies = []
-    for i, t in enumerate(ids):
-        if t == start:
-            bodies.append(ids.index(end, i) - i - 1)
-    assert bodies == [40, 40]
-    # a tight conversation cap shrinks documents but keeps the question and the answer whole
-    full, _ = tokenizer.render_conversation(conv, max_doc_tokens=40)
-    capped, capped_mask = tokenizer.render_conversation(conv, max_tokens=len(full) - 30, max_doc_tokens=40)
-    assert len(capped) <= len(full) - 30
-    capped_text = tokenizer.decode(capped)
-    assert "Where was the old king born?" in capped_text and capped_text.endswith("In the city.<|assistant_end|>")
-    assert sum(capped_mask) == sum(_)
+    bodies = lambda ids: [ids.index(end, i) - i - 1 for i, t in enumerate(ids) if t == start]
+    ids, mask = tokenizer.render_conversation(conv, max_tokens=100_000, max_doc_tokens=40)
+    assert tokenizer.decode(ids).count(TRUNCATION_MARKER) == 2 and bodies(ids) == [40, 40]   # each body at most 40 tokens
+    full, full_mask = tokenizer.render_conversation(conv, max_tokens=100_000)
+    assert TRUNCATION_MARKER not in tokenizer.decode(full)   # no cap unless asked: the budget rules
+    doc_len, doc2_len = bodies(full)
+    fixed = len(full) - (doc_len + 2) - (doc2_len + 2)
+    # a budget for one whole document and part of the next: the first whole, the second cut to the room left
+    capped, capped_mask = tokenizer.render_conversation(conv, max_tokens=fixed + doc_len + 2 + 50)
+    assert bodies(capped) == [doc_len, 48] and len(capped) == fixed + doc_len + 2 + 50
+    text = tokenizer.decode(capped)
+    assert text.count(TRUNCATION_MARKER) == 1 and "[2] Long2" in text
+    assert "Where was the old king born?" in text and text.endswith("In the city.<|assistant_end|>")
+    assert sum(capped_mask) == sum(full_mask)
+    # too little room left for a useful piece of the second (< MIN_CUT_DOC_TOKENS): it is dropped, not cut
+    capped, _ = tokenizer.render_conversation(conv, max_tokens=fixed + doc_len + 2 + MIN_CUT_DOC_TOKENS)
+    assert bodies(capped) == [doc_len] and "Long2" not in tokenizer.decode(capped)
+    # room for part of the first only: it is cut and the second never shown
+    capped, _ = tokenizer.render_conversation(conv, max_tokens=fixed + 100)
+    assert bodies(capped) == [98]
+    # a prompt too long even without documents keeps its question (the oldest tokens go)
+    prompt = tokenizer.render_for_completion(conv, max_tokens=12)
+    assert len(prompt) == 12 and prompt[0] == tokenizer.get_bos_token_id()
+    assert tokenizer.decode(prompt).endswith("born?<|user_end|><|assistant_start|>")
 
 
 def test_render_for_completion(tokenizer):
