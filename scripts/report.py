@@ -419,6 +419,26 @@ if transfer:
 else:
     out("No transfer results yet (`transfer/*.json`).")
 out("")
+long_sets = sorted({f.rsplit("_top", 1)[0] for f in os.listdir(os.path.join(run_dir, "transfer", "long")) if f.endswith(".json")}) \
+    if os.path.isdir(os.path.join(run_dir, "transfer", "long")) else []
+if long_sets:
+    out("Long multi-field entries (`kb_tools.machine_qa --sources dpkg,pymeta`: 150-750 tokens each, several values "
+        "of one kind per entry), BM25 top 1 and top 3; wrong answers of top 3 by where they came from:")
+    out("")
+    out("| set | top 1: EM | top 3: EM | top 3: gold shown | top 3 wrong answers | questions |")
+    out("|---|---|---|---|---|---|")
+    for name in long_sets:
+        top1, top3 = (read_json("transfer", "long", f"{name}_top{k}.json") for k in (1, 3))
+        if not (top1 and top3):
+            continue
+        m1, m3 = top1["metrics"], top3["metrics"]
+        errors = {}
+        for counts in m3.get("errors", {}).values():
+            for why, c in counts.items():
+                errors[why] = errors.get(why, 0) + c
+        out(f"| `{name}` | {pct(m1['em'])} | {pct(m3['em'])} | {pct(m3.get('gold_recall'))} | "
+            f"{', '.join(f'{c} {why}' for why, c in sorted(errors.items(), key=lambda kv: -kv[1]))} | {m3['n']} |")
+    out("")
 
 out("## The retriever learns from the model")
 out("")

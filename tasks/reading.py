@@ -7,7 +7,9 @@ that skill stays inside the world (0.5% EM on a real reference KB). What carries
 in general, so this generator varies everything a real KB varies:
 
 - shapes: `Key: value` records, prose, infobox rows, glossary pages, tables, bulleted lists,
-  manual-page sections (NAME / OPTIONS), and cloze questions over real paragraphs;
+  manual-page sections (NAME / OPTIONS), long entries (a headword, 5-10 fields several of which
+  hold one kind of value, then real prose: package records, dictionary entries), and cloze
+  questions over real paragraphs;
 - schemas: field names drawn from real English words (the docstrings of the installed Python
   packages, see nanochat.dataset.RealTextSource), value types names, numbers with units,
   years, dates, codes and multi-word phrases;
@@ -33,7 +35,7 @@ from nanochat.rag import answer_text, exact_match, qa_reward
 HELDOUT_BUCKETS = 8          # one word (and name) in 8 is held out
 HELDOUT_SHAPES = ("infobox",)
 FIELD_SHAPES = ("record", "inline", "prose", "infobox", "table")   # entity x field schemas
-SHAPES = FIELD_SHAPES + ("unkeyed", "glossary", "list", "manual", "cloze")
+SHAPES = FIELD_SHAPES + ("entry", "unkeyed", "glossary", "list", "manual", "cloze")
 STOPWORDS = set("""the and for with that this from are was were been being have has had not but can will would
 should could may might must shall into onto over under than then them they their there these those which what
 when where while who whom whose why how all any each every some such only also more most other another same very
@@ -137,7 +139,28 @@ class Vocab:
             if style == 3:
                 return f"{r.randint(1, 65535)}/{r.choice(['tcp', 'udp'])}"
             return f"{r.randint(0, 9)}.{r.randint(0, 20)}.{r.randint(0, 9)}"
+        if kind == "version":
+            parts = ".".join(str(r.randint(0, 20)) for _ in range(r.randint(2, 3)))
+            style = r.randrange(4)
+            return [parts, f"{parts}-{r.randint(1, 9)}", f"{r.randint(1, 3)}:{parts}-{r.randint(1, 9)}", f"v{parts}"][style]
+        if kind == "url":
+            return f"https://{self.word()}.{r.choice(['org', 'net', 'io', 'com'])}/{self.word()}"
+        if kind == "person":
+            return self.person()[0]
         raise ValueError(kind)
+
+    def person(self):
+        """(name, how an entry writes it): "Ada Stone", maybe with an address ("Ada Stone <stone@loop.org>")."""
+        name = f"{self.word().capitalize()} {self.word().capitalize()}"
+        if self.rng.random() < 0.5:
+            return name, name
+        return name, f"{name} <{self.word()}@{self.word()}.{self.rng.choice(['org', 'net', 'com'])}>"
+
+    def identifier(self):
+        """A name as software and reference entries spell them: lower case, joined ("libstone2", "river-engine")."""
+        r, a, b = self.rng, self.word(), self.word()
+        return r.choice([f"lib{a}{r.randint(0, 9)}", f"{a}-{b}", f"{a}{r.randint(1, 9)}-{b}", f"{a}_{b}", f"python3-{a}",
+                         f"{a}.{b}", f"{a}-{b}-{self.word()}"])
 
 
 VALUE_KINDS = ["name", "word", "phrase", "number", "year", "date", "code"]
@@ -459,6 +482,143 @@ def unkeyed_drill(v, rng, num_docs):
     return docs, gold, q[0].upper() + q[1:], answer
 
 
+# Long entries (a package record, a dictionary entry, an infobox with its article): a headword, many
+# `Key: value` lines of which several hold values of one kind (three versions, two people, four
+# numbers), then prose. Only finding the entry the question names, then the key it asks for,
+# answers them: the kind of a value no longer tells it apart. Some keys are ones real records use,
+# asked by another name; the rest are English words, asked with a word added or dropped or the
+# words swapped. (A few of these keys, version, homepage, license, author, summary, also appear in
+# the dpkg and pymeta development sets of kb_tools.machine_qa; their layouts and values do not.)
+COMMON_KEYS = {
+    "version": ["release", "version number"], "homepage": ["home page", "website", "web site"],
+    "license": ["licence", "licensing terms"], "author": ["writer", "creator"], "summary": ["short description", "synopsis"],
+    "population": ["number of inhabitants", "inhabitants"], "area": ["surface area", "total area"],
+    "capital": ["capital city", "seat of government"], "founded": ["founding year", "year founded"],
+    "headquarters": ["head office", "main office"], "language": ["spoken language", "main language"],
+    "birth date": ["date of birth", "birthday"], "birthplace": ["place of birth", "birth place"],
+    "elevation": ["altitude", "height above sea level"], "genre": ["style", "kind of work"],
+    "publisher": ["publishing house", "published by"], "release date": ["date of release", "released on"],
+    "running time": ["runtime", "duration"], "employees": ["number of employees", "workforce", "staff"],
+    "telephone": ["phone number", "phone"], "email": ["e-mail address", "email address"], "owner": ["proprietor"],
+    "location": ["place", "site"], "status": ["state", "current status"], "editor": ["edited by"],
+    "contact": ["contact person"], "updated": ["last update", "date of the last update"], "size": ["file size", "disk size"],
+}
+KEY_KINDS = {"version": "version", "homepage": "url", "author": "person", "summary": "phrase", "license": "code",
+             "population": "number", "area": "number", "capital": "name", "founded": "year", "headquarters": "name",
+             "language": "name", "birth date": "date", "birthplace": "name", "elevation": "number", "genre": "phrase",
+             "publisher": "name", "release date": "date", "running time": "number", "employees": "number",
+             "telephone": "number", "email": "url", "owner": "person", "location": "name", "status": "word",
+             "editor": "person", "contact": "person", "updated": "date", "size": "number"}
+ENTRY_NOUNS = ["package", "entry", "item", "record", "article", "page", "program", "library", "project", "term"]
+ENTRY_CHARS = 1000   # all entries of one drill: ~370 tokens, so that they fit a 512-token context with the question
+
+
+def _entry_schema(v, rng):
+    """5-10 (key, kind) pairs, 2-4 of them holding one kind of value, so the key must be read."""
+    n, shared = rng.randint(5, 10), rng.choice(["number", "version", "person", "name", "date", "code", "phrase"])
+    keys = rng.sample(sorted(COMMON_KEYS), rng.randint(1, 4))
+    schema = [(k, shared if rng.random() < 0.3 else KEY_KINDS[k]) for k in keys]
+    while len(schema) < n:
+        f = v.field()
+        if f not in (k for k, _ in schema):
+            schema.append((f, shared if sum(kind == shared for _, kind in schema) < 4 and rng.random() < 0.5
+                           else rng.choice(VALUE_KINDS + ["version", "url"])))
+    rng.shuffle(schema)
+    return schema
+
+
+def _entry_values(v, rng, schema):
+    """{key: (answer, as written)}: distinct values (two equal versions would let a wrong key pass)."""
+    values, seen = {}, set()
+    for key, kind in schema:
+        for _ in range(10):
+            if kind == "person":
+                answer, written = v.person()
+            else:
+                answer = written = v.value(kind)
+            if answer not in seen:
+                break
+        seen.add(answer)
+        values[key] = (answer, written)
+    return values
+
+
+def render_entry(rng, v, name, values, paragraph, layout):
+    """An entry's text: its fields in one of four layouts, and a paragraph of real prose."""
+    items = list(values.items())
+    if layout == "control":   # Debian-control style: Title-Case-Hyphen keys, the prose as an indented continuation
+        lines = [f"{rng.choice(['Package', 'Name'])}: {name}"]
+        lines += ["-".join(w.capitalize() for w in k.split()) + f": {written}" for k, (_, written) in items]
+        prose = [" " + line for line in _wrap(paragraph)]
+        return "\n".join(lines + [f"Description: {v.phrase(2, 5)}"] + prose)
+    if layout == "infobox":
+        box = "\n".join(f"| {_key(rng, k)} | {written} |" for k, (_, written) in items)
+        return f"{box}\n\n{paragraph}" if paragraph else box
+    sep = rng.choice([": ", ": ", " = ", " - "])
+    fields = "\n".join(f"{_key(rng, k)}{sep}{written}" for k, (_, written) in items)
+    if layout == "prose first":
+        return f"{paragraph}\n\n{fields}" if paragraph else fields
+    head = name if rng.random() < 0.5 else name.upper()   # dictionary style: the headword, then its fields
+    return f"{head}\n{fields}\n\n{paragraph}" if paragraph else f"{head}\n{fields}"
+
+
+def _wrap(text, width=72):
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    return lines + ([line] if line else [])
+
+
+def _asked_key(rng, key):
+    """How a question names a key: another name real users give it, or the key with a word
+    dropped, added or the words swapped ("release date" asked as "date of release")."""
+    if key in COMMON_KEYS and rng.random() < 0.5:
+        return rng.choice(COMMON_KEYS[key])
+    words = key.split()
+    r = rng.random()
+    if len(words) == 2 and r < 0.15:
+        return f"{words[1]} of {words[0]}"
+    if len(words) == 2 and r < 0.3:
+        return words[rng.randrange(2)]
+    return key
+
+
+def entry_drill(v, rng, num_docs, paragraphs):
+    """Long multi-field entries of one shape about different things (names that often share a
+    part, as `libxml-parser-perl` and `libxml-twig-perl` do); the question names one entry's
+    headword and asks for a field in other words. Multi-word values are copied whole."""
+    schema = _entry_schema(v, rng)
+    identifiers = rng.random() < 0.5
+    names, seen = [], set()
+    shared = v.word()
+    while len(names) < num_docs:
+        name = v.identifier() if identifiers else v.name()
+        if num_docs > 1 and rng.random() < 0.5:   # a near miss: the same first part
+            name = f"{shared}-{v.word()}" if identifiers else f"{shared.capitalize()} {v.word().capitalize()}"
+        if name.lower() not in seen:
+            seen.add(name.lower())
+            names.append(name)
+    layout = rng.choice(["control", "infobox", "dictionary", "prose first"])
+    budget = ENTRY_CHARS // num_docs
+    docs, facts = [], []
+    for k, name in enumerate(names):
+        values = _entry_values(v, rng, schema)
+        room = budget - sum(len(k_) + len(w) + 4 for k_, (_, w) in values.items())
+        paragraph = " ".join(rng.choice(paragraphs).split())[:max(0, room)].rsplit(" ", 1)[0] if paragraphs and room > 80 else ""
+        docs.append({"id": f"d{k}", "title": name, "text": render_entry(rng, v, name, values, paragraph, layout)})
+        facts.append(values)
+    gold = rng.randrange(num_docs)
+    # a value that is part of the headword ("forest" of forest-copper) would be given away by the question
+    keys = [k for k, _ in schema if facts[gold][k][0].lower() not in names[gold].lower()] or [k for k, _ in schema]
+    key = rng.choice(keys)
+    noun = rng.choice(ENTRY_NOUNS) if rng.random() < 0.5 else None
+    return docs, gold, field_question(rng, names[gold], _asked_key(rng, key), noun=noun), facts[gold][key][0]
+
+
 def cloze_drill(rng, paragraphs, num_docs):
     """A real paragraph, a sentence of it with a span blanked out: the span is the answer."""
     for _ in range(20):
@@ -508,8 +668,8 @@ class ReadingDrills(Task):
             self.shapes = [s for s in self.shapes if s != "cloze"]
         if not unkeyed:
             self.shapes = [s for s in self.shapes if s != "unkeyed"]
-        # unkeyed twice: most real reference files are unkeyed
-        self.choices = self.shapes + ["unkeyed"] if unkeyed else self.shapes
+        # unkeyed and long entries twice: most real reference files are one or the other
+        self.choices = self.shapes + ["entry"] + (["unkeyed"] if unkeyed else [])
 
     @property
     def eval_type(self):
@@ -527,6 +687,8 @@ class ReadingDrills(Task):
             shape = rng.choice(self.choices)
             if shape in FIELD_SHAPES:
                 made = record_drill(v, rng, shape, num_docs)
+            elif shape == "entry":
+                made = entry_drill(v, rng, num_docs if num_docs == 1 else rng.randint(2, 3), self.paragraphs)
             elif shape == "cloze":
                 made = cloze_drill(rng, self.paragraphs, num_docs)
             elif shape in TERM_QUESTIONS:
@@ -536,7 +698,7 @@ class ReadingDrills(Task):
             if made is None:
                 continue
             docs = made[0]
-            if shape != "cloze" and self.paragraphs and rng.random() < 0.3:
+            if shape not in ("cloze", "entry") and self.paragraphs and rng.random() < 0.3:
                 # real documents carry text nobody asks about (a DESCRIPTION, notes): after the
                 # facts, a piece of a real paragraph, short enough that documents are not cut
                 limit = 600 if num_docs == 1 else 250

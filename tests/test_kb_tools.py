@@ -188,7 +188,7 @@ def test_add_via_cli_and_conflicting_flags(bm25_kb, tmp_path):
     more = write_jsonl(tmp_path / "more.jsonl", MORE)
     before = snapshot(bm25_kb)
     assert_one_line_error(cli("build_kb", "--input", more, "--out", bm25_kb, "--add", "--chunk-words", "7"),
-                          "--chunk-words 7 differs from the KB's 200")
+                          "--chunk-words 7 differs from the KB's 100")
     assert "--retrievers bm25 differs" in build_error([more], str(bm25_kb), add=True, retrievers=["bm25"])
     assert snapshot(bm25_kb) == before
     proc = cli("build_kb", "--input", more, "--out", bm25_kb, "--add", "--no-progress")
@@ -344,6 +344,8 @@ def test_search_kb_and_eval_retrieval_output(bm25_kb, tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(l) for l in proc.stdout.splitlines()]
     assert [r["doc_id"] for r in rows] == ["berlin", "paris"] and rows[0]["rank"] == 1
+    listing = cli("search_kb", "--kb", bm25_kb, "--query", "capital of Germany", "--top-k", "1").stdout
+    assert "chunks of up to 100 words (overlap 20)" in listing.splitlines()[0] and "berlin" in listing
     queries = write_jsonl(tmp_path / "q.jsonl", [
         {"query": "capital of Germany", "relevant": ["berlin"]},
         {"query": "E4021", "relevant": ["e4021"]},

@@ -130,3 +130,20 @@ def test_inline_records_tab_tables_and_near_miss_names():
         assert answer in docs[gold]["text"]
     assert seps == {"\t", ", ", " | "}
     assert 40 < related < 140   # about 40% of the multi-document drills
+
+
+def test_long_entries_need_the_key_and_the_headword():
+    import random
+    from tasks.reading import entry_drill, Vocab, ENTRY_CHARS, COMMON_KEYS
+    synonyms, near_misses = 0, 0
+    for seed in range(200):
+        rng = random.Random(seed)
+        docs, gold, question, answer = entry_drill(Vocab(list(WORDS), rng), rng, 3, PARAGRAPHS)
+        text = docs[gold]["text"]
+        assert answer in text and answer not in question and docs[gold]["title"].lower() in question.lower()
+        assert text.count("\n") >= 5   # many fields, then prose
+        assert sum(len(d["text"]) for d in docs) <= ENTRY_CHARS + 600   # fields and the head line beyond the prose budget
+        synonyms += any(s in question for names in COMMON_KEYS.values() for s in names)
+        titles = [d["title"] for d in docs]
+        near_misses += any(a != b and a.split("-")[0].split()[0] == b.split("-")[0].split()[0] for a in titles for b in titles)
+    assert synonyms >= 20 and near_misses >= 40   # keys asked by another name; headwords sharing their first part

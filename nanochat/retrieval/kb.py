@@ -25,7 +25,9 @@ from nanochat.retrieval.manifest import FORMAT_VERSION, read_manifest, sha256_fi
 from nanochat.retrieval.documents import Document, chunk_document, content_key, index_text, read_documents, TOKENIZER_VERSION
 
 BUILDABLE = ("simple", "bm25", "dense")
-DEFAULTS = dict(chunk_words=200, overlap=40, bm25_method="lucene", k1=1.5, b=0.75, index="flat")
+# 100-word chunks (DPR's passage length): ~150 tokens of prose, so a 512-token model reads the top
+# three whole with room for the question (200 words each cut the third and half of the second)
+DEFAULTS = dict(chunk_words=100, overlap=20, bm25_method="lucene", k1=1.5, b=0.75, index="flat")
 EMPTY_SHOWN = 5   # locations of empty documents a summary lists
 
 
