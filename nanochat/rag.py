@@ -17,6 +17,13 @@ _PUNCT = str.maketrans("", "", string.punctuation)
 _CITATION = re.compile(r"\[(\d+)\]")
 
 MAX_QUERY_WORDS = 32   # a "search" longer than this is the model rambling, not a query
+# What the model answers when the documents it was shown do not hold the answer (trained on questions
+# about things the KB lacks); chat_eval counts it as an abstention, not as a wrong answer.
+ABSTAIN = "The documents do not say."
+
+
+def abstained(answer):
+    return normalize_answer(answer) == normalize_answer(ABSTAIN)
 
 
 def normalize_answer(s):
@@ -160,7 +167,8 @@ def documents_containing(answer, documents):
 
 
 def error_class(answer, correct, shown_ids, gold_ids, found_in=()):
-    """Why an answer is wrong (None if correct): 'no answer' (nothing written); 'retrieval miss' (no
+    """Why an answer is wrong (None if correct): 'no answer' (nothing written); 'abstained' (ABSTAIN,
+    the model said the documents do not say: not a wrong value); 'retrieval miss' (no
     gold document was shown); else a reading miss, by where the answer came from (found_in: the shown
     documents holding it): another part of a gold document (another field of the right entry, a
     fragment of its prose), another document (an entry about something else), or none of them."""
@@ -168,6 +176,8 @@ def error_class(answer, correct, shown_ids, gold_ids, found_in=()):
         return None
     if not answer.strip():
         return "no answer"
+    if abstained(answer):
+        return "abstained"
     if gold_ids and not set(gold_ids) & set(shown_ids):
         return "retrieval miss"
     if set(found_in) & set(gold_ids):

@@ -10,7 +10,7 @@ import torch
 
 from nanochat.engine import Engine, RowState
 from nanochat.rag import answer_text, exact_match, f1_score, search_queries, retrieved_documents, \
-    gold_recall, well_formed_query, documents_containing
+    gold_recall, well_formed_query, documents_containing, abstained
 
 
 def without_retrieval(conversation):
@@ -110,6 +110,7 @@ def rollouts(model, tokenizer, tasks, examples, num_samples=1, temperature=0.0, 
                 "gold_recall": gold_recall(shown, gold) if gold else float("nan"),
                 "length": sum(row.mask[len(prompt):]),
                 "answer": answer,
+                "abstained": float(abstained(answer)),
                 "shown": shown,
                 "found_in": documents_containing(answer, searched + in_prompt),
             })
@@ -128,7 +129,7 @@ def evaluate_task(model, tokenizer, task, num_examples, max_tokens=64, retrieval
                   batch_size=32, ensemble=None):
     """Greedy decoding on the first num_examples examples, batch_size questions generated
     together; mean of each metric."""
-    keys = ("em", "f1", "searches", "valid_searches", "gold_recall", "length")
+    keys = ("em", "f1", "abstained", "searches", "valid_searches", "gold_recall", "length")
     totals = {k: 0.0 for k in keys}
     counted = {k: 0 for k in keys}
     n = min(num_examples, len(task) - start)

@@ -207,7 +207,8 @@ class Tokenizer:
         Messages: optional system (merged into the first user turn), then user/assistant
         alternating; a {"role": "retrieval", "documents": [...]} message may precede a user turn.
         Assistant content is a string or a list of parts of type text | python | python_output |
-        search | search_results. Documents get the tokens the rest of the conversation leaves of
+        search | search_results. An assistant message with "trained": False (an earlier turn given
+        as history) is context: mask 0. Documents get the tokens the rest of the conversation leaves of
         max_tokens (fit_documents: in order, whole while they fit); only a conversation too long
         even without them is cut, at its tail. max_doc_tokens: optional cap on each document.
         """
@@ -293,21 +294,22 @@ class Tokenizer:
                 continue
             segs.append(("tok", [S["<|assistant_start|>"]], 0))
             parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            written = 0 if msg.get("trained") is False else 1   # an earlier turn given as history: context, not a target
             for part in parts:
                 kind = part["type"]
                 if kind == "text":
-                    segs.append(("tok", self.encode_text(part["text"]), 1))
+                    segs.append(("tok", self.encode_text(part["text"]), written))
                 elif kind == "python":
-                    segs.append(("tok", [S["<|python_start|>"]] + self.encode_text(part["text"]) + [S["<|python_end|>"]], 1))
+                    segs.append(("tok", [S["<|python_start|>"]] + self.encode_text(part["text"]) + [S["<|python_end|>"]], written))
                 elif kind == "python_output":
                     segs.append(("tok", [S["<|output_start|>"]] + self.encode_text(part["text"]) + [S["<|output_end|>"]], 0))
                 elif kind == "search":
-                    segs.append(("tok", [S["<|search_start|>"]] + self.encode_text(part["text"]) + [S["<|search_end|>"]], 1))
+                    segs.append(("tok", [S["<|search_start|>"]] + self.encode_text(part["text"]) + [S["<|search_end|>"]], written))
                 elif kind == "search_results":
                     add_docs(part["documents"])
                 else:
                     raise ValueError(f"message {i}: unknown assistant part type {kind!r}")
-            segs.append(("tok", [S["<|assistant_end|>"]], 1))
+            segs.append(("tok", [S["<|assistant_end|>"]], written))
             expected = "user"
         return segs
 

@@ -23,7 +23,8 @@ parser.add_argument("--source", default="sft", choices=["base", "sft", "rl"], he
 parser.add_argument("--model-tag", default=None, help="model tag (default: the latest of --source)")
 parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
 parser.add_argument("--block-pattern", default=None, help="refuse a checkpoint whose block pattern differs")
-parser.add_argument("--task", default=None, help="world1..world4 (held-out knowledge world), arc, mmlu, gsm8k, hotpotqa")
+parser.add_argument("--task", default=None, help="world1..world4 (held-out knowledge world), turns1..turns4 (its questions as the "
+                    "2nd/3rd turn of a chat), abstain1..abstain4 (about entities the KB lacks: EM = abstained), arc, mmlu, gsm8k, hotpotqa")
 add_kb_flags(parser)
 parser.add_argument("--no-retrieval", action="store_true", help="ablation: no documents, searches return nothing")
 parser.add_argument("--ensemble", action="store_true",
@@ -109,7 +110,11 @@ else:
     metrics, records = evaluate_task(model, tokenizer, task, args.num_examples, args.max_new_tokens,
                                      retrieval=not args.no_retrieval, max_searches=args.max_searches, ensemble=ensemble)
     print0(f"{name} ({mode}): EM {metrics['em']:.3f} | F1 {metrics['f1']:.3f} | gold-doc recall {metrics['gold_recall']:.3f} "
-           f"| searches/question {metrics['searches']:.2f} | over {metrics['n']} questions")
+           f"| searches/question {metrics['searches']:.2f} | abstained {metrics['abstained']:.3f} | over {metrics['n']} questions")
+    types = sorted({r["type"] for r in records if r["type"]})
+    if len(types) > 1:   # e.g. the turns of a conversation task, or the fields of a machine set
+        metrics["em_by_type"] = {t: sum(r["em"] for r in records if r["type"] == t) / sum(r["type"] == t for r in records) for t in types}
+        print0("  EM by type: " + ", ".join(f"{t} {em:.3f} ({sum(r['type'] == t for r in records)})" for t, em in metrics["em_by_type"].items()))
     if records and all(r["answers"] for r in records):
         from nanochat.rag import overlap_metrics, shown_rank_metrics, error_class
         metrics.update(overlap_metrics([r["answer"] for r in records], [r["answers"] for r in records]))

@@ -246,6 +246,11 @@ summary = [
 ]
 for what, with_r, without_r in summary:
     out(f"- Held-out {what}: EM **{pct(with_r)}** with retrieval, {pct(without_r)} without.")
+chat = {task: em_of("rl", task) for task in ("turns2", "turns3", "abstain2", "abstain3")}
+if any(v is not None for v in chat.values()):
+    out(f"- In a chat (after RL): the same kinds of question as the 2nd or 3rd turn, EM **{pct(chat['turns2'])}** "
+        f"(single-hop) and **{pct(chat['turns3'])}** (2-hop); about things the KB lacks, abstained "
+        f"**{pct(chat['abstain2'])}** (documents shown) and **{pct(chat['abstain3'])}** (the model searches).")
 
 
 def transfer_results():

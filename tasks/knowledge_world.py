@@ -26,7 +26,7 @@ import random
 import argparse
 
 from tasks.common import Task
-from nanochat.rag import answer_text, exact_match, qa_reward
+from nanochat.rag import answer_text, exact_match, qa_reward, ABSTAIN
 
 # -----------------------------------------------------------------------------
 # Names: onset-vowel + onset-vowel-coda, e.g. Ba+lun. 14*5 * 14*5*7 = 34,300 names.
@@ -308,6 +308,32 @@ def _conversation(q, **extra):
             "answers": q["answers"], "hops": q["hops"], "queries": q["queries"], "type": q["type"], **extra}
 
 
+def unanswerable_question(rng, world, other, hops=1):
+    """A question about an entity of `other` that `world` never mentions, so the documents of
+    `world` cannot answer it: the answer is ABSTAIN. Its one hop is the missing entity (a search
+    for it finds only other things)."""
+    texts = [d["text"] for d in world.documents()]
+    for _ in range(50):
+        q = other.question(rng, hops)
+        name = q["hops"][0]
+        if q["type"] != "comparison" and name not in world.entities and not any(name in t for t in texts):
+            return {"question": q["question"], "answers": [ABSTAIN], "hops": [name], "queries": [name], "type": "unanswerable"}
+    raise RuntimeError("no unanswerable question found in 50 draws (the two worlds share every name?)")
+
+
+def with_history(example, rng, worlds, turns, hops_choices=(1, 1, 2)):
+    """The example as the last turn of a conversation of 2..turns questions: the earlier ones about
+    one of `worlds` (the example's own world: a follow-up; another: an unrelated question), given
+    as text the way a chat sends its history, their answers context, not targets ("trained": False)."""
+    history = []
+    for _ in range(rng.randint(1, turns - 1)):
+        q = rng.choice(worlds).question(rng, rng.choice(hops_choices))
+        history += [{"role": "user", "content": q["question"]}, {"role": "assistant", "content": q["answers"][0], "trained": False}]
+    example["messages"] = history + example["messages"]
+    example["type"] = f"turn {len(history) // 2 + 1}"
+    return example
+
+
 class _WorldQATask(Task):
     @property
     def eval_type(self):
@@ -324,15 +350,25 @@ class WorldQA(_WorldQATask):
     """Questions about one fixed world (its KB is world.documents()): training world for
     RAG over a fixed KB, held-out world for evaluation."""
 
-    def __init__(self, world, hops=1, num_examples=1000, seed=0, **kwargs):
+    def __init__(self, world, hops=1, num_examples=1000, seed=0, turns=1, unanswerable=None, **kwargs):
         super().__init__(**kwargs)
         self.world, self.hops, self.n, self.seed = world, hops, num_examples, seed
+        self.turns = turns                 # > 1: conversations of 2..turns questions, this one last (with_history)
+        self.unanswerable = unanswerable   # another world: questions about its entities, which this KB lacks
 
     def num_examples(self):
         return self.n
 
     def get_example(self, index):
-        return _conversation(self.world.question(random.Random(f"q-{self.seed}-{self.hops}-{index}"), self.hops))
+        rng = random.Random(f"q-{self.seed}-{self.hops}-{index}")
+        if self.unanswerable is not None:
+            example = _conversation(unanswerable_question(rng, self.world, self.unanswerable, self.hops))
+        else:
+            example = _conversation(self.world.question(rng, self.hops))
+        if self.turns > 1:
+            rng = random.Random(f"history-{self.seed}-{self.hops}-{index}")
+            example = with_history(example, rng, [self.world, self.unanswerable or self.world], self.turns)
+        return example
 
 
 class WorldStream(_WorldQATask):
@@ -340,9 +376,10 @@ class WorldStream(_WorldQATask):
     articles travel with it as example["kb"] (retrieve from them, e.g. RAGTask(.., "bm25")).
     Deterministic per (seed, index); names always come from the training pool."""
 
-    def __init__(self, hops=1, rigid=False, num_examples=100_000, seed=0, **kwargs):
+    def __init__(self, hops=1, rigid=False, num_examples=100_000, seed=0, turns=1, unanswerable=False, **kwargs):
         super().__init__(**kwargs)
         self.hops, self.rigid, self.n, self.seed = hops, rigid, num_examples, seed
+        self.turns, self.unanswerable = turns, unanswerable   # as in WorldQA; unanswerable: about another mini-world
 
     def num_examples(self):
         return self.n
@@ -350,7 +387,16 @@ class WorldStream(_WorldQATask):
     def get_example(self, index):
         rng = random.Random(f"stream-{self.seed}-{index}")
         world = mini_world(rng, "train", self.rigid)
-        return _conversation(world.question(rng, self.hops), kb=world.documents())
+        if self.unanswerable:
+            other = mini_world(random.Random(f"stream-other-{self.seed}-{index}"), "train", self.rigid)
+            example = _conversation(unanswerable_question(rng, world, other, self.hops), kb=world.documents())
+        else:
+            example = _conversation(world.question(rng, self.hops), kb=world.documents())
+        if self.turns > 1:
+            rng = random.Random(f"stream-history-{self.seed}-{index}")
+            other = mini_world(rng, "train", self.rigid)
+            example = with_history(example, rng, [world, other], self.turns)
+        return example
 
 
 # -----------------------------------------------------------------------------

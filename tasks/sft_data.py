@@ -35,14 +35,17 @@ def build_task(name, args, split, seed=None):
     """One named task for a mixture. split 'train' streams fresh worlds (seed: which stream,
     default args.seed); 'heldout' is for evaluation."""
     from tasks.rag import world_task, RAGTask, MultiHopRAGTask, LEVELS
-    if name.startswith("world") and name[5:].isdigit():
-        level = int(name[5:])
+    kind = next((k for k in ("world", "turns", "abstain") if name.startswith(k) and name[len(k):].isdigit()), None)
+    if kind:
+        # worldN: level N of the knowledge world; turnsN: its questions as the 2nd or 3rd turn of a chat;
+        # abstainN: questions about entities the KB lacks, answered "The documents do not say."
+        level = int(name[len(kind):])
         if level not in LEVELS:
-            raise ValueError(f"unknown knowledge-world level {name!r}: use world1..world{max(LEVELS)}")
+            raise ValueError(f"unknown knowledge-world level {name!r}: use {kind}1..{kind}{max(LEVELS)}")
+        options = dict(turns=3 if kind == "turns" else 1, unanswerable=kind == "abstain", retriever=args.retriever)
         if split == "train":
-            return world_task(level, "train", retriever=args.retriever, num_examples=args.stream_examples,
-                              seed=args.seed if seed is None else seed)
-        return world_task(level, "heldout", retriever=args.retriever, num_examples=args.eval_examples)
+            return world_task(level, "train", num_examples=args.stream_examples, seed=args.seed if seed is None else seed, **options)
+        return world_task(level, "heldout", num_examples=args.eval_examples, **options)
     if name in ("read1", "read2", "read3"):
         from tasks.reading import reading_task
         if split == "train":
@@ -78,7 +81,8 @@ def build_task(name, args, split, seed=None):
     if name == "hotpotqa":
         from tasks.hotpotqa import HotpotQA
         return MultiHopRAGTask(HotpotQA(split="train" if train else "validation"), args.retriever, args.top_k)
-    raise ValueError(f"unknown task {name!r} in --mixture (world1..world4, read1..read3, recall, qa, smoltalk, gsm8k, arc, mmlu, hotpotqa)")
+    raise ValueError(f"unknown task {name!r} in --mixture (world1..world4, turns1..turns4, abstain1..abstain4, read1..read3, "
+                     "recall, qa, smoltalk, gsm8k, arc, mmlu, hotpotqa)")
 
 
 def open_kb(kb_dir, retriever, embedding_model=None, query_encoder="tuned"):

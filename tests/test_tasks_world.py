@@ -126,3 +126,36 @@ def test_tasks_and_pretraining_text():
         articles, _, questions = t.partition("\nQ: ")
         answers = re.findall(r"^A: (.*)$", questions, re.M)
         assert answers and all(a in articles for a in answers)
+
+
+def test_conversations_and_unanswerable_questions(tokenizer):
+    from nanochat.rag import ABSTAIN, abstained, error_class
+    from tasks.rag import world_task
+    for split in ("train", "heldout"):
+        # the 2nd or 3rd turn of a chat: earlier questions as text history, given, never trained on
+        turns = world_task(1, split, num_examples=20, turns=3)
+        kinds = set()
+        for i in range(20):
+            ex = turns[i]
+            kinds.add(ex["type"])
+            history = [m for m in ex["messages"][:-1] if m["role"] == "assistant"]
+            assert history and all(m["trained"] is False for m in history) and "trained" not in ex["messages"][-1]
+            ids, mask = tokenizer.render_conversation(ex)
+            answer = tokenizer.encode_text(ex["answers"][0]) + [tokenizer.special["<|assistant_end|>"]]
+            assert sum(mask) == len(answer) and [t for t, m in zip(ids, mask) if m] == answer   # only the last answer
+        assert kinds == {"turn 2", "turn 3"}
+        # about an entity the KB never mentions: the answer is ABSTAIN, whatever the search brings
+        for level in (2, 3):
+            task = world_task(level, split, num_examples=10, unanswerable=True)
+            for i in range(10):
+                ex = task[i]
+                assert ex["answers"] == [ABSTAIN] and ex["type"] == "unanswerable"
+                missing = ex["hops"][0]
+                shown = [d for m in ex["messages"] if m["role"] == "retrieval" for d in m["documents"]]
+                final = ex["messages"][-1]["content"]
+                if not isinstance(final, str):
+                    shown += [d for p in final if p["type"] == "search_results" for d in p["documents"]]
+                    assert final[0] == {"type": "search", "text": missing} and final[-1] == {"type": "text", "text": ABSTAIN}
+                assert missing in ex["messages"][-2]["content"] and not any(missing in d["text"] for d in shown)
+    assert abstained("the documents do not say") and not abstained("Paris")
+    assert error_class(ABSTAIN, False, ["d"], ["d"]) == "abstained"
