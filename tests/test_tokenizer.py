@@ -231,3 +231,30 @@ def test_reading_order(tokenizer, position):
             tokenizer.render_conversation(conv)
     finally:
         tokenizer.query_position = "after"
+
+
+def test_chat_history_goes_before_documents(tokenizer):
+    """What a chat sends when it does not fit: the oldest turns go first, then the documents of the
+    latest question are fitted to what is left (fit_documents), and the question itself stays."""
+    from nanochat.chat import fit_prompt
+    doc = {"id": "d", "title": "King", "text": "The old king was born in the river city. " * 6}
+    messages = []
+    for k in range(6):
+        messages += [{"role": "user", "content": f"old question {k} about cats"}, {"role": "assistant", "content": f"answer {k}"}]
+    messages += [{"role": "retrieval", "documents": [doc, dict(doc, id="e", title="Queen")]},
+                 {"role": "user", "content": "Where was the king born?"}]
+    full = tokenizer.render_for_completion({"messages": messages}, max_tokens=10 ** 6)
+    latest = tokenizer.render_for_completion({"messages": messages[-2:]}, max_tokens=10 ** 6)
+    for budget in (len(full), len(full) - 10, len(latest), len(latest) - 40):
+        text = tokenizer.decode(fit_prompt(tokenizer, {"messages": messages}, budget))
+        assert len(fit_prompt(tokenizer, {"messages": messages}, budget)) <= budget
+        assert text.endswith("Where was the king born?<|user_end|><|assistant_start|>")
+        kept = [k for k in range(6) if f"old question {k}" in text]
+        assert kept == list(range(6 - len(kept), 6))   # the newest turns are kept, the oldest dropped
+        if budget < len(full):
+            assert "old question 0" not in text
+        if budget >= len(latest):
+            assert text.count("[1] King") == 1 and "[2] Queen" in text   # history went before any document was cut
+        else:
+            # then the documents, from the last: the second is cut, the first stays whole
+            assert not kept and text.count(TRUNCATION_MARKER) == 1 and text.index(TRUNCATION_MARKER) > text.index("[2] Queen")
