@@ -22,6 +22,12 @@ def gold_ids(example):
     return example.get("hops") or example.get("supporting_ids") or []
 
 
+def prompt_budget(model, max_tokens):
+    """Tokens a prompt may take: the room the answer needs is left, so what is generated stays within
+    the context the model was trained on (at least half the context for the prompt, whatever is asked)."""
+    return max(model.config.sequence_len - max_tokens, model.config.sequence_len // 2)
+
+
 def ensemble_prompts(tokenizer, conversation, max_tokens):
     """REPLUG-style inputs: one prompt per document of the conversation's retrieval message, each
     the same question after that document alone. Returns (prompts, documents)."""
@@ -50,7 +56,7 @@ def ensemble_rows(model, tokenizer, conversations, max_tokens=64, weighting="sco
     engine = Engine(model, tokenizer)
     groups, weights = [], []
     for c in conversations:
-        prompts, docs = ensemble_prompts(tokenizer, c, model.config.sequence_len - max_tokens)
+        prompts, docs = ensemble_prompts(tokenizer, c, prompt_budget(model, max_tokens))
         groups.append(prompts)
         weights.append(ensemble_weights(docs, weighting, temperature))
     answers = [[] for _ in groups]
@@ -79,8 +85,7 @@ def rollouts(model, tokenizer, tasks, examples, num_samples=1, temperature=0.0, 
         prompts = [row.tokens[:len(row.mask) - sum(row.mask)] for row in rows]
     else:
         engine = Engine(model, tokenizer, max_searches=max_searches)
-        # the prompt leaves room for the answer: what is generated stays within the context the model was trained on
-        prompts = [tokenizer.render_for_completion(c, max_tokens=model.config.sequence_len - max_tokens) for c in conversations]
+        prompts = [tokenizer.render_for_completion(c, max_tokens=prompt_budget(model, max_tokens)) for c in conversations]
         rows = engine.generate_batch(prompts, num_samples, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
                                      seed=seed, keep_stop=keep_stop, retrievers=retrievers,
                                      top_ks=[getattr(task, "top_k", 3) for task in tasks])

@@ -50,7 +50,11 @@ parser.add_argument("--pg-batch-size", type=int, default=16,
 parser.add_argument("--advantage", default="mean", choices=["mean", "grpo"], help="baseline: group mean, or GRPO (mean and std)")
 parser.add_argument("--lr-frac", type=float, default=0.1, help="learning rates as a fraction of the base_train defaults")
 # evaluation, output
-parser.add_argument("--eval-every", type=int, default=25, help="held-out EM every N steps (0: only at the end)")
+parser.add_argument("--eval-every", type=int, default=25, help="held-out EM every N steps (0: only at the start and the end)")
+parser.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=True,
+                    help="save the best of the starting model and every held-out evaluation (mean EM over --eval-mixture; "
+                         "RL must beat the start to replace it), so RL never leaves a model worse than it found it; "
+                         "--no-keep-best saves the last step")
 parser.add_argument("--eval-examples", type=int, default=60, help="held-out examples per evaluation")
 parser.add_argument("--eval-mixture", default="world2,world3",
                     help="comma list of held-out tasks, each evaluated on its own (names as in --curriculum; a :weight is checked, not used)")
@@ -102,14 +106,19 @@ if master:
     open(metrics_path, "w").close()
 stage, stage_start, recent_em = 0, 0, deque(maxlen=args.advance_window)
 train_time, step = 0.0, 0
+start_record, best = None, None   # best: (mean held-out EM, step, record, weights on the CPU)
 while True:
     last = step == args.num_iterations
-    if last or (args.eval_every > 0 and step % args.eval_every == 0):
+    if last or (args.eval_every > 0 and step % args.eval_every == 0) or (step == 0 and args.keep_best):
         record = evaluate(step)
+        start_record = start_record or record
         if master:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         wandb_run.log(record)
+        score = sum(record[f"{n}/em"] for n in eval_tasks) / len(eval_tasks)
+        if args.keep_best and (best is None or score > best[0]):   # ties keep the earlier model: RL has to beat it
+            best = (score, step, record, {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
     if last:
         break
     t0 = time.time()
@@ -174,10 +183,23 @@ while True:
         recent_em.clear()
         print0(f"curriculum: rollout EM reached {args.advance_em:.2f}, moving to stage {stage} ({'+'.join(n for n, _ in stages[stage])})")
 
-meta_out = {"model_config": model.config.to_dict(), "user_config": user_config, "step": step, "phase": "rl",
-            "base": {"source": args.source, "model_tag": model_tag}, "heldout": record, "train_time_min": train_time / 60,
-            "query_position": tokenizer.query_position, "text_prefix": tokenizer.text_prefix}
-save_checkpoint(ckpt_dir, step, model.state_dict(), None, meta_out, rank)
-print0(f"saved {ckpt_dir} step {step}")
+kept_step, state, kept_record = step, model.state_dict(), record
+if args.keep_best:
+    _, kept_step, kept_record, state = best
+meta_out = {"model_config": model.config.to_dict(), "user_config": user_config, "step": kept_step, "phase": "rl",
+            "base": {"source": args.source, "model_tag": model_tag}, "heldout": kept_record, "heldout_start": start_record,
+            "steps_trained": step, "kept": "start" if kept_step == 0 else ("last" if kept_step == step else "best"),
+            "train_time_min": train_time / 60, "query_position": tokenizer.query_position, "text_prefix": tokenizer.text_prefix}
+save_checkpoint(ckpt_dir, kept_step, state, None, meta_out, rank)
+if master:   # the directory holds this run's final model only: an older run's later step would be loaded instead
+    for name in os.listdir(ckpt_dir):
+        if name.startswith(("model_", "meta_")) and not name.endswith((f"_{kept_step:06d}.pt", f"_{kept_step:06d}.json")):
+            os.remove(os.path.join(ckpt_dir, name))
+held = lambda r: ", ".join(f"{n} {r[n + '/em']:.3f}" for n in eval_tasks)
+if kept_step == 0:
+    print0(f"RL did not beat the {args.source} model on held-out EM ({held(start_record)} at the start; last step: {held(record)}): "
+           f"saved {ckpt_dir} step 0, the {args.source} model unchanged")
+else:
+    print0(f"saved {ckpt_dir} step {kept_step} of {step} (held-out EM {held(kept_record)}; at the start: {held(start_record)})")
 wandb_run.finish()
 compute_cleanup()

@@ -226,6 +226,7 @@ def em_of(source, task, retrieval=True):
 
 
 base_meta = latest_meta("base_checkpoints") or {}
+rl_meta = latest_meta("chatrl_checkpoints") or {}   # "kept": start | best | last (chat_rl --keep-best)
 model_cfg = base_meta.get("model_config", {})
 params = re.search(r"([\d,]+) parameters", read_text("logs", "base.log") or read_text("logs", "import.log") or "")
 lines = []
@@ -246,6 +247,8 @@ summary = [
 ]
 for what, with_r, without_r in summary:
     out(f"- Held-out {what}: EM **{pct(with_r)}** with retrieval, {pct(without_r)} without.")
+if rl_meta.get("kept") == "start":
+    out("- RL did not beat the SFT model on held-out EM: the final model is the SFT model unchanged.")
 chat = {task: em_of("rl", task) for task in ("turns2", "turns3", "abstain2", "abstain3")}
 if any(v is not None for v in chat.values()):
     out(f"- In a chat (after RL): the same kinds of question as the 2nd or 3rd turn, EM **{pct(chat['turns2'])}** "
@@ -362,6 +365,13 @@ if rl_train:
     out(f"{last['step']} steps; last step: reward {last['train/reward']:.3f}, EM {last['train/em']:.3f}, "
         f"{last.get('train/searches', float('nan')):.2f} searches per answer, "
         f"gold-document recall {last.get('train/gold_recall', float('nan')):.2f}.")
+    out("")
+if rl_meta.get("kept") == "start":
+    out(f"**RL did not beat the SFT model on held-out EM**: the RL checkpoint is the SFT model unchanged "
+        f"(step 0 of {rl_meta.get('steps_trained')}); what the report calls RL below is that model.")
+    out("")
+elif rl_meta.get("kept") == "best":
+    out(f"The RL checkpoint is step {rl_meta['step']} of {rl_meta.get('steps_trained')}, the best held-out evaluation.")
     out("")
 out(f"![RL reward and EM]({plot_rl})")
 out("")
