@@ -652,7 +652,7 @@ class ReadingDrills(Task):
     training words, names and shapes; 'heldout' only held-out words and names, all shapes."""
 
     def __init__(self, level=1, split="train", num_examples=100_000, seed=0, words=None, paragraphs=None, unkeyed=True,
-                 **kwargs):
+                 only=None, **kwargs):
         super().__init__(**kwargs)
         assert level in (1, 2, 3), f"level must be 1, 2 or 3, got {level}"
         assert split in ("train", "heldout"), f"split must be train or heldout, got {split!r}"
@@ -670,6 +670,9 @@ class ReadingDrills(Task):
             self.shapes = [s for s in self.shapes if s != "unkeyed"]
         # unkeyed and long entries twice: most real reference files are one or the other
         self.choices = self.shapes + ["entry"] + (["unkeyed"] if unkeyed else [])
+        if only:   # these shapes alone (the `entries` task: long multi-field entries)
+            self.shapes = self.choices = [s for s in self.shapes if s in only]
+            assert self.shapes, f"no shape of {only} in this split"
 
     @property
     def eval_type(self):
@@ -743,11 +746,11 @@ def pretraining_text(index, split="train"):
     return "\n\n".join(blocks)
 
 
-def reading_task(level, split="train", num_examples=None, seed=0):
+def reading_task(level, split="train", num_examples=None, seed=0, only=None):
     """Drills wrapped for RAG: each example's own documents searched by BM25 (top 3), shown in
-    random order so that the answer is not always in document [1]."""
+    random order so that the answer is not always in document [1]. only: these shapes alone."""
     from tasks.rag import RAGTask
-    base = ReadingDrills(level, split, num_examples or (100_000 if split == "train" else 500), seed)
+    base = ReadingDrills(level, split, num_examples or (100_000 if split == "train" else 500), seed, only=only)
     return RAGTask(base, "bm25", 1 if level <= 2 else 3, shuffle=True)
 
 

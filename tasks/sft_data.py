@@ -46,11 +46,13 @@ def build_task(name, args, split, seed=None):
         if split == "train":
             return world_task(level, "train", num_examples=args.stream_examples, seed=args.seed if seed is None else seed, **options)
         return world_task(level, "heldout", num_examples=args.eval_examples, **options)
-    if name in ("read1", "read2", "read3"):
+    if name in ("read1", "read2", "read3", "entries"):
+        # entries: level-3 drills of long multi-field entries only (2-3 entries of one shape, key and headword to match)
         from tasks.reading import reading_task
+        level, only = (3, ("entry",)) if name == "entries" else (int(name[4:]), None)
         if split == "train":
-            return reading_task(int(name[4:]), "train", args.stream_examples, args.seed if seed is None else seed)
-        return reading_task(int(name[4:]), "heldout", args.eval_examples)
+            return reading_task(level, "train", args.stream_examples, args.seed if seed is None else seed, only)
+        return reading_task(level, "heldout", args.eval_examples, only=only)
     if name == "recall":   # key -> value recall drills (tasks.recall); held out: names never trained on
         from tasks.recall import RecallDrills
         if split == "train":
@@ -82,7 +84,7 @@ def build_task(name, args, split, seed=None):
         from tasks.hotpotqa import HotpotQA
         return MultiHopRAGTask(HotpotQA(split="train" if train else "validation"), args.retriever, args.top_k)
     raise ValueError(f"unknown task {name!r} in --mixture (world1..world4, turns1..turns4, abstain1..abstain4, read1..read3, "
-                     "recall, qa, smoltalk, gsm8k, arc, mmlu, hotpotqa)")
+                     "entries, recall, qa, smoltalk, gsm8k, arc, mmlu, hotpotqa)")
 
 
 def open_kb(kb_dir, retriever, embedding_model=None, query_encoder="tuned"):
