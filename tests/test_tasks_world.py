@@ -157,5 +157,11 @@ def test_conversations_and_unanswerable_questions(tokenizer):
                     shown += [d for p in final if p["type"] == "search_results" for d in p["documents"]]
                     assert final[0] == {"type": "search", "text": missing} and final[-1] == {"type": "text", "text": ABSTAIN}
                 assert missing in ex["messages"][-2]["content"] and not any(missing in d["text"] for d in shown)
+        # single-hop, answered by the model's own search (a chat's retrieval mode auto)
+        task = world_task(2, split, num_examples=5, search=True)
+        for i in range(5):
+            final = task[i]["messages"][-1]["content"]
+            assert final[0]["type"] == "search" and final[-1] == {"type": "text", "text": task[i]["answers"][0]}
+            assert not any(m["role"] == "retrieval" for m in task[i]["messages"])
     assert abstained("the documents do not say") and not abstained("Paris")
     assert error_class(ABSTAIN, False, ["d"], ["d"]) == "abstained"
