@@ -97,7 +97,8 @@ def build_model(model_config, model_state, device):
     config = GPTConfig(**model_config)
     with torch.device("meta"):
         model = GPT(config)
-    model.to_empty(device=device)
+    # to_empty, but with torch.empty: empty_like of a meta tensor imports torch.fx's symbolic shapes (sympy, ~0.3 s)
+    model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
     model.init_weights()   # buffers (rotary tables) and anything missing from old checkpoints
     try:
         model.load_state_dict(model_state, strict=True, assign=True)

@@ -226,8 +226,13 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        # Built on the meta device (checkpoint loading, base_train) the model holds shapes only: skip the
+        # embeddings' own init and the rotary tables, which init_weights or the checkpoint replace. On meta
+        # tensors normal_ and arange run through torch._refs, which imports torch._dynamo: ~1 s and ~70 MiB
+        # in every process that loads a model.
+        meta = torch.get_default_device().type == "meta"
         self.transformer = nn.ModuleDict({
-            "wte": nn.Embedding(config.vocab_size, config.n_embd),
+            "wte": nn.Embedding(config.vocab_size, config.n_embd, _weight=torch.empty(config.vocab_size, config.n_embd) if meta else None),
             "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         })
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -237,7 +242,8 @@ class GPT(nn.Module):
             self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
             self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
         kv_dim = config.n_kv_head * (config.n_embd // config.n_head)
-        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, kv_dim) for i in config.value_embed_layers})
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, kv_dim, _weight=torch.empty(config.vocab_size, kv_dim) if meta else None)
+                                           for i in config.value_embed_layers})
         if config.smear_width:
             self.smear_gate = nn.Linear(config.smear_width, 1, bias=False)
             self.smear_lambda = nn.Parameter(torch.zeros(1))
@@ -245,7 +251,8 @@ class GPT(nn.Module):
             self.backout_lambda = nn.Parameter(torch.zeros(1))
         # rotary tables cover 10x the training length so long generations never run out
         self.rotary_len = config.sequence_len * 10
-        cos, sin = self._rotary_tables(self.rotary_len)
+        half = config.n_embd // config.n_head // 2
+        cos, sin = (torch.empty(self.rotary_len, half), torch.empty(self.rotary_len, half)) if meta else self._rotary_tables(self.rotary_len)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 

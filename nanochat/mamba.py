@@ -345,13 +345,14 @@ class Mamba2Mixer(nn.Module):
         self.norm = nn.Module()  # only holds norm.weight; the gated group RMSNorm is gated_rmsnorm()
         self.norm.weight = nn.Parameter(torch.empty(self.d_inner))
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
-        self.reset_parameters()
+        if self.D.device.type == "meta":   # shapes only (GPT on the meta device): init_weights or a checkpoint sets the
+            self._mark_parameters()        # values, and init on meta tensors would import torch._dynamo (see GPT.__init__)
+        else:
+            self.reset_parameters()
 
-    def reset_parameters(self, dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4, A_init_range=(1, 16)):
-        """mamba_ssm's init (then mimetic_init_ if self.init == "mimetic"). Also safe after to_empty()
-        from the meta device."""
-        # the optimizer reads this: no weight decay on the SSM dynamics. Set here as well as in
-        # __init__ because moving parameters off the meta device can create new Parameter objects.
+    def _mark_parameters(self):
+        # the optimizer reads this: no weight decay on the SSM dynamics. Set in __init__ and again on
+        # every reset, because moving parameters off the meta device can create new Parameter objects.
         for p in (self.dt_bias, self.A_log, self.D):
             p._no_weight_decay = True
         self.dt_bias._no_reinit = True
@@ -359,6 +360,11 @@ class Mamba2Mixer(nn.Module):
         # one matrix, as attention's q, k, v are three); jointly, the blocks' updates are coupled
         gn = self.ngroups * self.d_state
         self.in_proj.weight._muon_splits = [self.d_inner, self.d_inner, gn, gn, self.nheads]
+
+    def reset_parameters(self, dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4, A_init_range=(1, 16)):
+        """mamba_ssm's init (then mimetic_init_ if self.init == "mimetic"). Also safe after to_empty()
+        from the meta device."""
+        self._mark_parameters()
         with torch.no_grad():
             self.in_proj.reset_parameters()
             self.conv1d.reset_parameters()

@@ -117,13 +117,18 @@ else:
         print0("  EM by type: " + ", ".join(f"{t} {em:.3f} ({sum(r['type'] == t for r in records)})" for t, em in metrics["em_by_type"].items()))
     if records and all(r["answers"] for r in records):
         from nanochat.rag import overlap_metrics, shown_rank_metrics, error_class
-        metrics.update(overlap_metrics([r["answer"] for r in records], [r["answers"] for r in records]))
-        line = f"  BLEU-4 {metrics['bleu4']:.1f} | ROUGE-L {metrics['rouge_l']:.3f}"
+        line = []
+        # BLEU/ROUGE for --qa's free-text answers only: a task's answers are names or set phrases of a few words,
+        # scored by EM/F1 (BLEU-4 is 0 without 4-grams), and rouge-score imports all of NLTK (~1 s, ~100 MiB a run)
+        if args.qa:
+            metrics.update(overlap_metrics([r["answer"] for r in records], [r["answers"] for r in records]))
+            line.append(f"BLEU-4 {metrics['bleu4']:.1f} | ROUGE-L {metrics['rouge_l']:.3f}")
         if any(r["gold"] for r in records) and not args.no_retrieval:
             labelled = [r for r in records if r["gold"]]
             metrics.update(shown_rank_metrics([r["shown"] for r in labelled], [r["gold"] for r in labelled], args.top_k))
-            line += f" | shown documents: Hit@1 {metrics['hit@1']:.3f} Hit@{args.top_k} {metrics[f'hit@{args.top_k}']:.3f} MRR {metrics['mrr']:.3f}"
-        print0(line)
+            line.append(f"shown documents: Hit@1 {metrics['hit@1']:.3f} Hit@{args.top_k} {metrics[f'hit@{args.top_k}']:.3f} MRR {metrics['mrr']:.3f}")
+        if line:
+            print0("  " + " | ".join(line))
         # every wrong answer, classed: why did it fail, by question type?
         errors = {}
         for r in records:

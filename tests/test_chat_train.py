@@ -145,6 +145,22 @@ def test_chat_eval_em_matches_hand_count(trained_base, kb_and_qa, tmp_path, monk
     assert metrics["n"] == 5
 
 
+def test_chat_eval_on_a_task_loads_no_compiler_and_no_nltk(trained_base):
+    """The fixed cost of an evaluation: loading a model builds it on the meta device without the
+    meta-tensor init that imports torch._dynamo / torch.fx's sympy, and a task's short answers get
+    no BLEU/ROUGE (rouge-score imports all of NLTK and scipy.stats): together over a second and ~140 MiB a run."""
+    import subprocess
+    import sys
+    code = ("import runpy, sys; sys.argv = ['chat_eval', '--source', 'base', '--model-tag', 'tiny', '--task', 'world1', "
+            "'--num-examples', '2', '--max-new-tokens', '1']; runpy.run_module('scripts.chat_eval', run_name='__main__'); "
+            "print('heavy:', [m for m in ('torch._dynamo', 'sympy', 'nltk', 'scipy.stats') if m in sys.modules])")
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(trained_base), OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(__file__)), env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "world1 (retrieval): EM" in p.stdout and "heavy: []" in p.stdout, p.stdout[-2000:]
+
+
 def test_sft_torchrun_two_processes_then_rl_two_steps(trained_base, monkeypatch):
     sft = check(run_module("scripts.chat_sft", "--model-tag", "tiny", "--num-iterations", "3", "--device-batch-size", "2",
                            "--eval-every", "0", "--eval-examples", "2", "--curriculum", "world1,world3",
