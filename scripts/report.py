@@ -249,9 +249,10 @@ for what, with_r, without_r in summary:
     out(f"- Held-out {what}: EM **{pct(with_r)}** with retrieval, {pct(without_r)} without.")
 if rl_meta.get("kept") == "start":
     out("- RL did not beat the SFT model on held-out EM: the final model is the SFT model unchanged.")
-chat = {task: em_of("rl", task) for task in ("search2", "turns2", "turns3", "abstain2", "abstain3")}
+chat = {task: em_of("rl", task) for task in ("search2", "chat2", "turns2", "turns3", "abstain2", "abstain3")}
 if any(v is not None for v in chat.values()):
-    out(f"- In a chat (after RL): single-hop questions the model searches for itself, EM **{pct(chat['search2'])}**; "
+    out(f"- In a chat (after RL): single-hop questions the model searches for itself, EM **{pct(chat['search2'])}** "
+        f"(as the 2nd or 3rd turn: **{pct(chat['chat2'])}**); "
         f"the held-out questions as the 2nd or 3rd turn, EM **{pct(chat['turns2'])}** "
         f"(single-hop) and **{pct(chat['turns3'])}** (2-hop); about things the KB lacks, abstained "
         f"**{pct(chat['abstain2'])}** (documents shown) and **{pct(chat['abstain3'])}** (the model searches).")

@@ -35,16 +35,17 @@ def build_task(name, args, split, seed=None):
     """One named task for a mixture. split 'train' streams fresh worlds (seed: which stream,
     default args.seed); 'heldout' is for evaluation."""
     from tasks.rag import world_task, RAGTask, MultiHopRAGTask, LEVELS
-    kind = next((k for k in ("world", "turns", "abstain", "search") if name.startswith(k) and name[len(k):].isdigit()), None)
+    kind = next((k for k in ("world", "turns", "abstain", "search", "chat") if name.startswith(k) and name[len(k):].isdigit()), None)
     if kind:
         # worldN: level N of the knowledge world; turnsN: its questions as the 2nd or 3rd turn of a chat;
         # abstainN: questions about entities the KB lacks, answered "The documents do not say.";
-        # searchN: single-hop levels answered by the model's own search (a chat's retrieval mode auto)
+        # searchN: single-hop levels answered by the model's own search (a chat's retrieval mode auto);
+        # chatN: both, a follow-up the model searches for (what the web UI's default mode asks)
         level = int(name[len(kind):])
         if level not in LEVELS:
             raise ValueError(f"unknown knowledge-world level {name!r}: use {kind}1..{kind}{max(LEVELS)}")
-        options = dict(turns=3 if kind == "turns" else 1, unanswerable=kind == "abstain", search=kind == "search",
-                       retriever=args.retriever)
+        options = dict(turns=3 if kind in ("turns", "chat") else 1, unanswerable=kind == "abstain",
+                       search=kind in ("search", "chat"), retriever=args.retriever)
         if split == "train":
             return world_task(level, "train", num_examples=args.stream_examples, seed=args.seed if seed is None else seed, **options)
         return world_task(level, "heldout", num_examples=args.eval_examples, **options)
@@ -85,7 +86,7 @@ def build_task(name, args, split, seed=None):
     if name == "hotpotqa":
         from tasks.hotpotqa import HotpotQA
         return MultiHopRAGTask(HotpotQA(split="train" if train else "validation"), args.retriever, args.top_k)
-    raise ValueError(f"unknown task {name!r} in --mixture (world1..world4, turns1..turns4, abstain1..abstain4, search1..search4, read1..read3, "
+    raise ValueError(f"unknown task {name!r} in --mixture (world1..world4, turns1..turns4, abstain1..abstain4, search1..search4, chat1..chat4, read1..read3, "
                      "entries, recall, qa, smoltalk, gsm8k, arc, mmlu, hotpotqa)")
 
 
