@@ -96,7 +96,7 @@ if [ "$MODE" = cpu ]; then
 elif [ "$MODE" = smoke ]; then
     # toy sizes: checks that every stage runs and the report builds, in a couple of minutes
     DEPTH=2  ASPECT=32  HEAD_DIM=32  SEQ_LEN=256  VOCAB=2048  DATA=embedded:1+realtext:1+reading:1  FINEWEB_SHARDS=0  TIE=--tie-embeddings
-    TOK_CHARS=300000  COMPILE=  SHORT_CONV=4
+    TOK_CHARS=300000  COMPILE=--no-compile  SHORT_CONV=4
     BASE_ITERS=20  BASE_BATCH=4  BASE_TOTAL_BATCH=-1  BASE_EVAL_EVERY=10  BASE_EVAL_TOKENS=2048  BASE_SAMPLE_EVERY=0
     SFT_CURRICULUM=world1,world2:0.5+world1:0.2+read1:0.3,world3:0.4+world2:0.15+read1:0.2+read3:0.25+turns3:0.1+abstain2:0.05+abstain3:0.05+search2:0.1+entries:0.15,world3:0.35+world4:0.2+world2:0.1+read1:0.1+read2:0.1+read3:0.15+turns2:0.05+turns3:0.1+abstain2:0.05+abstain3:0.05+search2:0.1+entries:0.2
     SFT_ITERS=10  SFT_BATCH=4  SFT_EVAL_EVERY=5  SFT_EVAL_EXAMPLES=4  SFT_ADVANCE_EM=0.9

@@ -8,10 +8,12 @@ width 128, head dim 32, context 512, batch 8 x 512, vocab 2048), one run after t
 --nanochat is a checkout of https://github.com/karpathy/nanochat (nothing of it is copied here);
 --nanochat-python a Python with its dependencies (its `uv sync --extra cpu`, or torch + kernels,
 wandb, psutil, filelock, pyarrow, rustbpe, tiktoken). Each trainer trains its own tokenizer on the
-same shards and runs --steps steps with torch.compile (nanochat always compiles; this project with
---compile, or without it with --no-compile); the number is the median tokens/s of the second half
-of the steps, read from each trainer's own step lines. --patterns adds this project's Mamba and
-hybrid patterns at the same dimensions.
+same shards and runs --steps steps with torch.compile (nanochat always compiles; this project's
+base_train by default, with no extra flag; eager with --no-compile, or both with --also-no-compile);
+the number is the median tokens/s of the second half of the steps, read from each trainer's own
+step lines. --rounds N alternates the trainers N times (the machine's load drifts; ratios per round
+are printed). --patterns adds this project's Mamba and hybrid patterns at the same dimensions; --sft
+times this project's chat_sft too (the same rows of 8 x 512 on the model just trained).
 """
 import os
 import re
@@ -28,8 +30,14 @@ parser = argparse.ArgumentParser(description="base_train tokens/s: this project 
 parser.add_argument("--nanochat", required=True, help="a checkout of karpathy/nanochat")
 parser.add_argument("--nanochat-python", default=sys.executable, help="a Python that has nanochat's dependencies")
 parser.add_argument("--steps", type=int, default=60, help="training steps per run")
+parser.add_argument("--rounds", type=int, default=1, help="run the trainers this many times, alternating")
 parser.add_argument("--patterns", nargs="+", default=["TTTT"], help="this project's block patterns to run (TTTT is compared)")
-parser.add_argument("--no-compile", action="store_true", help="run this project's trainer without --compile")
+parser.add_argument("--no-compile", action="store_true", help="run this project's trainer with --no-compile (eager)")
+parser.add_argument("--also-no-compile", action="store_true", help="run each pattern both compiled (default) and with --no-compile")
+parser.add_argument("--sft", action="store_true",
+                    help="also time this project's chat_sft on the TTTT model just trained (rows of 8 x 512; nanochat's "
+                         "chat_sft needs SmolTalk/MMLU/GSM8K downloads, so its base_train step, the same forward and "
+                         "backward at the same shapes, is the reference)")
 parser.add_argument("--short-conv", type=int, default=0, help="this project's --short-conv (0: plain attention, as nanochat)")
 parser.add_argument("--docs-per-shard", type=int, default=3000, help="knowledge-world documents per parquet shard")
 parser.add_argument("--keep", action="store_true", help="keep the temporary directory (printed)")
@@ -79,33 +87,46 @@ try:
     # nanochat reads $NANOCHAT_BASE_DIR/base_data_climbmix (older checkouts: base_data)
     write_shards([os.path.join(nc_base, "base_data_climbmix"), os.path.join(nc_base, "base_data"), our_data])
 
-    results = {}
-    print("nanochat:")
+    print("tokenizers (each trainer trains its own) ...")
     run([args.nanochat_python, "-m", "scripts.tok_train", f"--vocab-size={VOCAB}", f"--max-chars={TOK_CHARS}"],
-        args.nanochat, nc_base, "tokenizer")
-    log = run([args.nanochat_python, "-m", "scripts.base_train", *(f"--{k}={v}" for k, v in DIMS.items()),
-               "--total-batch-size=4096", f"--num-iterations={args.steps}", "--window-pattern=L",
-               "--eval-every=-1", "--core-metric-every=-1", "--sample-every=-1", "--run=dummy"],
-              args.nanochat, nc_base, f"base_train, {args.steps} steps")
-    results["nanochat TTTT"] = median_tok_per_sec(log, r"tok/sec: ([\d,]+)")
-
-    print("this project:")
+        args.nanochat, nc_base, "nanochat tokenizer")
     run([sys.executable, "-m", "scripts.tok_train", "--data", our_data, "--vocab-size", str(VOCAB),
-         "--max-chars", str(TOK_CHARS)], REPO, our_base, "tokenizer")
-    for pattern in args.patterns:
-        cmd = [sys.executable, "-m", "scripts.base_train", *(f"--{k}={v}" for k, v in DIMS.items()),
-               f"--block-pattern={pattern}", "--data", our_data, f"--num-iterations={args.steps}",
-               "--eval-every=0", "--eval-tokens=8192", "--sample-every=0", f"--model-tag=bench_{pattern}",
-               f"--short-conv={args.short_conv}"]
-        log = run(cmd + ([] if args.no_compile else ["--compile"]), REPO, our_base, f"base_train {pattern}, {args.steps} steps")
-        name = f"nanochat-rag {pattern}" + (f" conv{args.short_conv}" if args.short_conv else "")
-        results[name] = median_tok_per_sec(log, r"\| ([\d,]+) tok/s")
+         "--max-chars", str(TOK_CHARS)], REPO, our_base, "this project's tokenizer")
+    flag_sets = [["--no-compile"]] if args.no_compile else [[], ["--no-compile"]] if args.also_no_compile else [[]]
+    results = {}   # name -> tokens/s of each round
+    # rounds alternate the trainers, so a slow spell on a shared machine hits both, not one
+    for r in range(args.rounds):
+        print(f"round {r + 1}/{args.rounds}:")
+        log = run([args.nanochat_python, "-m", "scripts.base_train", *(f"--{k}={v}" for k, v in DIMS.items()),
+                   "--total-batch-size=4096", f"--num-iterations={args.steps}", "--window-pattern=L",
+                   "--eval-every=-1", "--core-metric-every=-1", "--sample-every=-1", "--run=dummy"],
+                  args.nanochat, nc_base, f"nanochat base_train, {args.steps} steps")
+        results.setdefault("nanochat TTTT", []).append(median_tok_per_sec(log, r"tok/sec: ([\d,]+)"))
+        for pattern, flags in ((p, f) for p in args.patterns for f in flag_sets):
+            cmd = [sys.executable, "-m", "scripts.base_train", *(f"--{k}={v}" for k, v in DIMS.items()),
+                   f"--block-pattern={pattern}", "--data", our_data, f"--num-iterations={args.steps}",
+                   "--eval-every=0", "--eval-tokens=8192", "--sample-every=0", f"--model-tag=bench_{pattern}",
+                   f"--short-conv={args.short_conv}", *flags]
+            log = run(cmd, REPO, our_base, f"this project's base_train {pattern} {' '.join(flags)}, {args.steps} steps")
+            name = f"nanochat-rag {pattern}" + (f" conv{args.short_conv}" if args.short_conv else "") + "".join(f" {f}" for f in flags)
+            results.setdefault(name, []).append(median_tok_per_sec(log, r"\| ([\d,]+) tok/s"))
+            if args.sft and pattern == "TTTT":
+                log = run([sys.executable, "-m", "scripts.chat_sft", "--source", "base", f"--model-tag=bench_{pattern}",
+                           "--curriculum", "world1", f"--num-iterations={args.steps}", "--device-batch-size=8",
+                           "--eval-every=0", "--eval-examples=2", *flags],
+                          REPO, our_base, f"this project's chat_sft {pattern} {' '.join(flags)}, {args.steps} steps")
+                rows = DIMS["device-batch-size"] * DIMS["max-seq-len"]
+                ms = median_tok_per_sec(log, r"\| (\d+) ms \| total")
+                results.setdefault(f"nanochat-rag chat_sft {pattern}" + "".join(f" {f}" for f in flags), []).append(rows / ms * 1000)
 
     ref = results["nanochat TTTT"]
-    print(f"\nbase_train tokens/s, median of steps {args.steps // 2 + 1}-{args.steps} "
-          f"(depth 4, width 128, head dim 32, context 512, batch 8 x 512, vocab {VOCAB}):")
-    for name, rate in results.items():
-        print(f"  {name:<22} {rate:>9,.0f}   {rate / ref:.2f}x nanochat")
+    print(f"\ntokens/s (chat_sft: rows of tokens per second), median of steps {args.steps // 2 + 1}-{args.steps} "
+          f"(depth 4, width 128, head dim 32, context 512, batch 8 x 512, vocab {VOCAB}); "
+          f"{args.rounds} round(s), median over rounds, then each round's ratio:")
+    for name, rates in results.items():
+        per_round = " ".join(f"{a / b:.2f}" for a, b in zip(rates, ref))
+        print(f"  {name:<40} {statistics.median(rates):>9,.0f}   {statistics.median(rates) / statistics.median(ref):.2f}x nanochat"
+              f"   (rounds: {' '.join(f'{a:,.0f}' for a in rates)}; ratios {per_round})")
 finally:
     if args.keep:
         print(f"kept {tmp}")

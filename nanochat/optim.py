@@ -35,6 +35,10 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
+            # matrices of one shape (a tall one as its transpose) are orthogonalised together in one
+            # batched Newton-Schulz: a few large matmuls instead of dozens of small ones (on 2 CPU
+            # cores a quarter of the optimizer's time at depth 4); each matrix's result is unchanged
+            by_shape, updates = {}, {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -48,10 +52,17 @@ class Muon(torch.optim.Optimizer):
                 # a fused projection (Mamba's in_proj: z | x | B | C | dt rows) is orthogonalised one
                 # row block at a time, as if each were its own matrix
                 parts = g.split(p._muon_splits) if hasattr(p, "_muon_splits") else [g]
-                update = torch.cat([zeropower_via_newtonschulz5(part, group["ns_steps"])
-                                    * max(1.0, part.size(-2) / part.size(-1)) ** 0.5   # tall matrices get a larger step
-                                    for part in parts])
-                p.add_(update, alpha=-group["lr"])
+                updates[p] = [None] * len(parts)
+                for i, part in enumerate(parts):
+                    tall = part.size(0) > part.size(1)
+                    by_shape.setdefault(tuple(sorted(part.shape)), []).append((p, i, tall, part.mT if tall else part))
+            for items in by_shape.values():
+                X = zeropower_via_newtonschulz5(torch.stack([part for *_, part in items]), group["ns_steps"])
+                for (p, i, tall, part), x in zip(items, X):
+                    # tall matrices get a larger step: sqrt(rows / cols)
+                    updates[p][i] = x.mT * (part.size(1) / part.size(0)) ** 0.5 if tall else x
+            for p, parts in updates.items():
+                p.add_(torch.cat(parts) if len(parts) > 1 else parts[0], alpha=-group["lr"])
 
 
 def setup_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, other_lr=0.004,

@@ -32,6 +32,7 @@ and its number of distinct top-1 documents (RAG's known failure is collapse onto
 are logged. The encoder is saved with the checkpoint (query_encoder/) and, with --encoder-to-kb,
 into the KB, where dense/hybrid retrieval serves it everywhere.
 """
+import gc
 import os
 import json
 import time
@@ -99,9 +100,9 @@ parser.add_argument("--eval-mixture", default=None,
 parser.add_argument("--patience", type=int, default=None,
                     help="stop after this many evaluations without a better mean held-out EM, and keep the best one "
                          "(default: 3 with --qa, 0 = off otherwise)")
-parser.add_argument("--compile", action="store_true",
-                    help="torch.compile the model's trunk for training steps (CPU: ~1.2x faster steps after 20-80 s of compiling; "
-                         "off by default so short runs and tests start at once)")
+parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="torch.compile the model's trunk for training steps (on by default: CPU ~1.2x faster steps after "
+                         "20-80 s of compiling, docs/benchmarks.md; --no-compile for short runs and tests)")
 parser.add_argument("--device-type", default="", help="cuda | mps | cpu (default: autodetect)")
 parser.add_argument("--run", default="dummy", help="wandb run name ('dummy' disables wandb)")
 args = parser.parse_args()
@@ -277,7 +278,10 @@ model.train()
 # --compile: only the trunk (fixed shapes: every batch is device_batch_size x seq_len). The loss head stays
 # eager, scoring only the few positions with a target; a fixed-shape graph would score all of them, which
 # made the whole compiled model slower than eager (docs/benchmarks.md). Evaluation uses the plain model.
-trunk = torch.compile(model.trunk, dynamic=False) if args.compile else model.trunk
+# (--marginalize steps run rag_loss, not the trunk: nothing to compile)
+trunk = torch.compile(model.trunk, dynamic=False) if args.compile and not args.marginalize else model.trunk
+if trunk is not model.trunk:   # compiling happens inside the first step: say why it is slow
+    print0("compiling the model's trunk (the first step takes ~20-80 s on CPU; --no-compile to skip)")
 while True:
     last = step == args.num_iterations
     if last or (args.eval_every > 0 and step % args.eval_every == 0):
@@ -359,6 +363,14 @@ while True:
         recent_em.clear()
         print0(f"curriculum: {names[0]} reached batch EM {args.advance_em:.2f} at step {step}")
         batches = stage_batches(stage)
+    # the cycle collector rescanned everything setup left behind every few steps: after the first step set
+    # it aside and collect by hand now and then (as base_train and nanochat do)
+    if step == 1:
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+    elif step % 250 == 0:
+        gc.collect()
 
 if best is not None and best[1] != step:
     print0(f"keeping step {best[1]}: best mean held-out EM {best[0]:.3f}")

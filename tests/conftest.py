@@ -49,7 +49,8 @@ def run_module(module, *args, base_dir, timeout=600, extra_env=None, torchrun_pr
 
 
 TINY_MODEL = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "64",
-              "--device-batch-size", "4", "--eval-every", "0", "--eval-tokens", "1024", "--sample-every", "0"]
+              "--device-batch-size", "4", "--eval-every", "0", "--eval-tokens", "1024", "--sample-every", "0",
+              "--no-compile"]   # base_train compiles by default; tests stay fast
 
 
 @pytest.fixture(scope="session")

@@ -198,3 +198,28 @@ def test_tied_embeddings_stay_one_matrix_through_checkpoints_and_the_optimizer()
     adamw.step()
     assert not torch.equal(before, loaded.lm_head.weight.detach())
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
+
+
+def test_muon_batched_step_equals_one_matrix_at_a_time():
+    """Muon orthogonalises same-shaped matrices (a tall one as its transpose) in one batched
+    Newton-Schulz; every matrix gets the update it would get alone, momentum included."""
+    from nanochat.optim import Muon, zeropower_via_newtonschulz5
+    torch.manual_seed(0)
+    shapes = [(128, 128), (512, 128), (128, 512), (128, 128), (96, 40)]
+    params = [torch.nn.Parameter(torch.randn(*s)) for s in shapes]
+    params[-1]._muon_splits = [32, 32, 32]
+    before = [p.detach().clone() for p in params]
+    opt = Muon(params, lr=0.1, momentum=0.9)
+    grads = [[torch.randn(*s) for s in shapes] for _ in range(2)]
+    bufs = [torch.zeros(*s) for s in shapes]
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+    for k, (p, w) in enumerate(zip(params, before)):
+        for step_grads in grads:   # the same two steps, one matrix alone
+            bufs[k].lerp_(step_grads[k], 0.1)
+            g = step_grads[k].lerp(bufs[k], 0.9)
+            parts = g.split(p._muon_splits) if hasattr(p, "_muon_splits") else [g]
+            w = w - 0.1 * torch.cat([zeropower_via_newtonschulz5(q) * max(1.0, q.size(0) / q.size(1)) ** 0.5 for q in parts])
+        assert torch.allclose(p.detach(), w, atol=1e-5), shapes[k]

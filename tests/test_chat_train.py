@@ -164,7 +164,7 @@ def test_chat_eval_on_a_task_loads_no_compiler_and_no_nltk(trained_base):
 def test_sft_torchrun_two_processes_then_rl_two_steps(trained_base, monkeypatch):
     sft = check(run_module("scripts.chat_sft", "--model-tag", "tiny", "--num-iterations", "3", "--device-batch-size", "2",
                            "--eval-every", "0", "--eval-examples", "2", "--curriculum", "world1,world3",
-                           "--query-position", "both", base_dir=trained_base, torchrun_procs=2))
+                           "--query-position", "both", "--no-compile", base_dir=trained_base, torchrun_procs=2))
     assert "step     3/3" in sft
     ckpt = os.path.join(trained_base, "chatsft_checkpoints", "tiny")
     records = [json.loads(l) for l in open(os.path.join(ckpt, "metrics.jsonl"))]
@@ -172,7 +172,7 @@ def test_sft_torchrun_two_processes_then_rl_two_steps(trained_base, monkeypatch)
     torch.load(os.path.join(ckpt, "model_000003.pt"), weights_only=True)
     rl = check(run_module("scripts.chat_rl", "--model-tag", "tiny", "--num-iterations", "2", "--prompts-per-step", "2",
                           "--num-samples", "3", "--max-new-tokens", "8", "--eval-every", "0", "--eval-examples", "2",
-                          base_dir=trained_base))
+                          "--no-keep-best", base_dir=trained_base))
     for key in ("reward", "EM", "searches/q", "valid searches", "gold recall", "len"):
         assert key in rl
     assert os.path.exists(os.path.join(trained_base, "chatrl_checkpoints", "tiny", "model_000002.pt"))
@@ -233,7 +233,7 @@ def test_sft_on_your_own_documents(trained_base, tmp_path):
     email = os.path.join(sysconfig.get_paths()["stdlib"], "email")
     out = check(run_module("scripts.chat_sft", "--source", "base", "--model-tag", "tiny", "--kb", str(tmp_path / "mine"),
                            "--qa", str(tmp_path / "qa.jsonl"), "--num-iterations", "6", "--eval-every", "2",
-                           "--eval-examples", "4", "--device-batch-size", "2", "--patience", "1",
+                           "--eval-examples", "4", "--device-batch-size", "2", "--patience", "1", "--no-compile",
                            base_dir=trained_base, extra_env={"NANOCHAT_REALTEXT_ROOTS": email}))
     assert "qa:50%+read1:25%+read3:25%" in out and "held-out eval: qa" in out
     last = out.strip().splitlines()[-1]

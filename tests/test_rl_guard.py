@@ -14,7 +14,9 @@ def test_rl_that_cannot_improve_keeps_the_starting_model(trained_base):
                      "--eval-every", "0", "--eval-examples", "2", "--curriculum", "world1", "--no-compile", base_dir=trained_base)
     assert sft.returncode == 0, sft.stderr[-3000:]
     sft_dir = os.path.join(trained_base, "chatsft_checkpoints", "tiny")
-    start = torch.load(os.path.join(sft_dir, "model_000002.pt"), weights_only=True)
+    # what chat_rl starts from: the SFT directory's last step (another test may have written a later one)
+    last_sft = max(n for n in os.listdir(sft_dir) if n.startswith("model_"))
+    start = torch.load(os.path.join(sft_dir, last_sft), weights_only=True)
     rl_dir = os.path.join(trained_base, "chatrl_checkpoints", "tiny")
     common = ["--model-tag", "tiny", "--num-iterations", "3", "--prompts-per-step", "2", "--num-samples", "2",
               "--max-new-tokens", "8", "--eval-every", "0", "--eval-examples", "4", "--eval-mixture", "world1",
