@@ -279,8 +279,9 @@ model.train()
 # eager, scoring only the few positions with a target; a fixed-shape graph would score all of them, which
 # made the whole compiled model slower than eager (docs/benchmarks.md). Evaluation uses the plain model.
 # (--marginalize steps run rag_loss, not the trunk: nothing to compile)
-trunk = torch.compile(model.trunk, dynamic=False) if args.compile and not args.marginalize else model.trunk
-if trunk is not model.trunk:   # compiling happens inside the first step: say why it is slow
+compiled = args.compile and not args.marginalize
+trunk = torch.compile(model.trunk, dynamic=False) if compiled else model.trunk
+if compiled:   # compiling happens inside the first step: say why it is slow
     print0("compiling the model's trunk (the first step takes ~20-80 s on CPU; --no-compile to skip)")
 while True:
     last = step == args.num_iterations
