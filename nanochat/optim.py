@@ -17,10 +17,12 @@ def zeropower_via_newtonschulz5(G, steps=5):
     if transposed:
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    # the products as one fused multiply-add each (addmm / baddbmm for a stack): B = b*A + c*A@A, X = a*X + B@X
+    madd = torch.baddbmm if X.dim() == 3 else torch.addmm
     for _ in range(steps):
         A = X @ X.mT
-        B = b * A + c * A @ A
-        X = a * X + B @ X
+        B = madd(A, A, A, beta=b, alpha=c)
+        X = madd(X, B, X, beta=a)
     if transposed:
         X = X.mT
     return X.to(G.dtype)
