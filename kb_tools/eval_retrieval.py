@@ -33,9 +33,8 @@ if args.retriever not in RETRIEVERS:
 try:
     queries = read_queries(args.queries)
     manager = RetrievalManager(args.kb, retriever=args.retriever, query_encoder=args.query_encoder)
-    known = {d.id for d in manager.documents}
     for q in queries:
-        missing = [r for r in q["relevant"] if r not in known]
+        missing = [r for r in q["relevant"] if not manager.has_document(r)]
         if missing:
             raise ValueError(f"{args.queries}:{q['line']}: relevant doc {missing[0]!r} is not in {args.kb}")
     metrics, _ = evaluate(manager, queries)

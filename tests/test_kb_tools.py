@@ -399,3 +399,159 @@ def test_killed_build_leaves_old_kb(bm25_kb, tmp_path):
     build_kb([small], str(bm25_kb), retrievers=["bm25"], show_progress=False, log=lambda *a: None)
     assert not tmp_dir.exists()  # ...and the next build of that KB removes it
     assert len(load_kb(str(bm25_kb)).documents) == 2
+
+
+# -----------------------------------------------------------------------------
+# bounded memory: chunks read from disk by offset, older KBs, appending
+
+def test_chunks_are_read_from_disk_by_offset(dense_kb):
+    from nanochat.retrieval.store import JsonlStore
+    kb = load_kb(str(dense_kb / "kb"))
+    assert isinstance(kb.chunks, JsonlStore) and isinstance(kb.documents, JsonlStore)
+    with open(dense_kb / "kb" / "chunks.jsonl", encoding="utf-8") as f:
+        expected = [json.loads(line) for line in f]
+    assert [c.to_json() for c in kb.chunks] == expected                    # streaming iteration
+    assert [kb.chunks[i].to_json() for i in range(len(expected))] == expected   # one read each
+    assert kb.chunks[-1].to_json() == expected[-1] and [c.id for c in kb.chunks[2:4]] == [e["id"] for e in expected[2:4]]
+    with pytest.raises(IndexError):
+        kb.chunks[len(expected)]
+    m = RetrievalManager(str(dense_kb / "kb"), "hybrid")
+    assert m.retriever.lexical.documents is m.retriever.dense.documents   # one store, shared, not copied
+    assert m.has_document("long") and not m.has_document("long#1") and not m.has_document("nope")
+    assert m.get("long#3").id == "long#3" and m.get("long").id == "long"
+    for missing in ("long#4", "long#x", "nope#0", "#0"):
+        with pytest.raises(KeyError):
+            m.get(missing)
+
+
+def make_old_format(kb_dir):
+    """Turn a KB into what build_kb wrote before offsets and lookup arrays existed."""
+    for name in ("docs.offsets.npy", "chunks.offsets.npy", "docs.chunks.npy", "docs.keys.npy", "bm25/best.npy"):
+        if os.path.exists(os.path.join(kb_dir, name)):
+            os.remove(os.path.join(kb_dir, name))
+    path = os.path.join(kb_dir, "manifest.json")
+    with open(path) as f:
+        m = json.load(f)
+    m["checksums"] = {k: v for k, v in m["checksums"].items() if os.path.exists(os.path.join(kb_dir, k))}
+    with open(path, "w") as f:
+        json.dump(m, f)
+
+
+def test_older_kb_without_offsets_loads_and_grows(dense_kb, tmp_path):
+    import shutil
+    new = str(dense_kb / "kb")
+    old = str(tmp_path / "old")
+    shutil.copytree(new, old)
+    make_old_format(old)
+    queries = ["capital of Germany", "E4021", "morning drink", "zebra filler3", ""]
+    for name in ("simple", "bm25", "dense", "hybrid"):
+        a, b = RetrievalManager(new, name), RetrievalManager(old, name)
+        assert [[(r.document.to_json(), r.score) for r in hits] for hits in a.search_batch(queries, 10)] == \
+               [[(r.document.to_json(), r.score) for r in hits] for hits in b.search_batch(queries, 10)]
+    m = RetrievalManager(old)
+    assert m.get("long#2").doc_id == "long" and m.get("paris").title == "Paris"
+    more = write_jsonl(tmp_path / "more.jsonl", MORE)
+    s = build_kb([more], old, add=True, show_progress=False, log=lambda *a: None)   # the old KB gains the new files
+    assert (s["new_docs"], s["duplicates"]) == (2, 1)
+    assert os.path.exists(os.path.join(old, "docs.keys.npy"))
+    assert RetrievalManager(old, "bm25").search("capital of Italy", 1)[0].document.doc_id == "rome"
+
+
+def test_add_appends_to_the_old_files(bm25_kb, tmp_path):
+    before = {n: (bm25_kb / n).read_bytes() for n in ("docs.jsonl", "chunks.jsonl")}
+    offsets = np.load(bm25_kb / "chunks.offsets.npy")
+    more = write_jsonl(tmp_path / "more.jsonl", MORE)
+    build_kb([more], str(bm25_kb), add=True, show_progress=False, log=lambda *a: None)
+    for n, old in before.items():
+        assert (bm25_kb / n).read_bytes().startswith(old)   # appended, the old lines as they were
+    grown = np.load(bm25_kb / "chunks.offsets.npy")
+    assert np.array_equal(grown[:len(offsets)], offsets) and grown[-1] == os.path.getsize(bm25_kb / "chunks.jsonl")
+    kb = load_kb(str(bm25_kb))
+    assert [d.id for d in kb.documents] == [d["id"] for d in DOCS] + ["rome", "tea"]
+    start = np.load(bm25_kb / "docs.chunks.npy")
+    assert all(kb.chunks[start[i]].doc_id == d.id for i, d in enumerate(kb.documents))
+
+
+def test_ivfpq_index():
+    from nanochat.retrieval.dense import build_faiss_index
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((10000, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    index = build_faiss_index(x, "ivfpq")
+    assert index.ntotal == len(x) and index.code_size == 16 // 8
+    index.nprobe = 64
+    _, found = index.search(x[:20], 1)
+    assert (found[:, 0] == np.arange(20)).mean() >= 0.8   # compressed, so mostly (not always) itself
+    with pytest.raises(ValueError, match="ivfpq: 1,000 chunks are too few"):
+        build_faiss_index(x[:1000], "ivfpq")
+
+
+# -----------------------------------------------------------------------------
+# encoding shared by torchrun ranks
+
+def torchrun_build(procs, *args, wait=True):
+    """python -m kb_tools.build_kb, or under torchrun with `procs` CPU processes (gloo)."""
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] if procs else []
+    cmd = [sys.executable, *launcher, "-m", "kb_tools.build_kb", *map(str, args), "--no-progress"]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def descendants(pid):
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            for child in map(int, f.read().split()):
+                out += [child] + descendants(child)
+    return out
+
+
+def test_torchrun_build_equals_one_process_and_a_killed_rank_changes_nothing(tmp_path):
+    """2 gloo processes build the same KB as 1 (same chunks, embeddings within 1e-6, same top 10
+    of every query), each encoding part of it; killing a rank mid-build leaves the old KB intact.
+    CPU time (1 vs 2 processes, fixed costs included) is printed; bench_kb_scale measures it at size."""
+    import resource
+    from tasks.knowledge_world import heldout_world, training_world
+    docs = heldout_world().documents()   # 510 short articles, one chunk each
+    src = write_jsonl(tmp_path / "world.jsonl", docs)
+    common = ["--input", src, "--retrievers", "bm25,dense", "--batch-size", "2"]   # blocks of 64 x 2 chunks: 4, 2 per rank
+    cpu = []
+    for procs, out in ((0, "one"), (2, "two")):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        proc = torchrun_build(procs, *common, "--out", tmp_path / out)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+    print(f"CPU seconds: 1 process {cpu[0]:.1f}, 2 processes {cpu[1]:.1f}")
+    one, two = load_kb(str(tmp_path / "one")), load_kb(str(tmp_path / "two"))
+    assert len(one.chunks) > 64 * 2 * 2
+    assert [c.to_json() for c in one.chunks] == [c.to_json() for c in two.chunks]
+    e1, e2 = (np.load(tmp_path / kb / "dense" / "embeddings.npy") for kb in ("one", "two"))
+    assert e1.shape == e2.shape and np.abs(e1 - e2).max() <= 1e-6
+    assert np.abs(e1).sum(axis=1).min() > 0   # every row encoded, none left at zero
+    queries = [d["text"].split(".")[0] for d in docs[::3]] + ["capital", "zzqx"]
+    for name in ("bm25", "dense", "hybrid"):
+        a, b = RetrievalManager(str(tmp_path / "one"), name), RetrievalManager(str(tmp_path / "two"), name)
+        assert [[r.document.id for r in hits] for hits in a.search_batch(queries, 10)] == \
+               [[r.document.id for r in hits] for hits in b.search_batch(queries, 10)]
+    # kill rank 1 while it encodes a rebuild of "one": the old KB stays as it was
+    before = snapshot(tmp_path / "one")
+    more = write_jsonl(tmp_path / "more.jsonl", training_world().documents()[:1000])
+    proc = torchrun_build(2, *common[2:], "--input", more, "--out", tmp_path / "one", "--add", wait=False)
+    deadline, killed = time.time() + 300, None
+    while killed is None and proc.poll() is None and time.time() < deadline:
+        jobs = [n for n in os.listdir(tmp_path) if n.startswith(".one.tmp-")
+                and os.path.exists(tmp_path / n / "encode.json")]
+        if jobs:
+            rank0 = int(jobs[0].rsplit("-", 1)[1])
+            workers = [p for p in descendants(proc.pid) if p != rank0]
+            if workers:
+                killed = workers[0]
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.02)
+    output = proc.communicate(timeout=300)[0]
+    assert killed is not None, output
+    assert proc.returncode != 0, output
+    assert snapshot(tmp_path / "one") == before

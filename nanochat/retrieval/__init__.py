@@ -65,7 +65,13 @@ def make_retriever(name, documents, **options):
                            **pick(FUSION_OPTIONS))
 
 
-from nanochat.retrieval.kb import RetrievalManager, load_kb, augment_conversation  # noqa: E402
+def __getattr__(name):
+    # KBs need numpy (store.py); imported on first use so that `simple` stays standard-library only
+    if name in ("RetrievalManager", "load_kb", "augment_conversation"):
+        from nanochat.retrieval import kb
+        return getattr(kb, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["Document", "SearchResult", "Retriever", "RetrievalManager", "make_retriever", "load_kb",
            "augment_conversation", "tokenize", "chunk_document", "RETRIEVERS"]

@@ -39,7 +39,9 @@ class Retriever(ABC):
     name = ""
 
     def __init__(self, documents):
-        self.documents = list(documents)
+        # a KB's chunk store (store.JsonlStore) reads from disk and never changes: keep it, not a
+        # copy of every chunk; anything else is copied so the caller's list can change freely
+        self.documents = documents if getattr(documents, "read_only", False) else list(documents)
 
     def __len__(self):
         return len(self.documents)

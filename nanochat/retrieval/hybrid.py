@@ -46,8 +46,9 @@ class HybridRetriever(Retriever):
 
     def __init__(self, lexical, dense, fusion=DEFAULT_FUSION, alpha=DEFAULT_ALPHA, candidates=100,
                  rerank=None, rerank_depth=20):
-        if len(lexical.documents) != len(dense.documents) or any(
-                a.id != b.id for a, b in zip(lexical.documents, dense.documents)):
+        same = lexical.documents is dense.documents   # one KB's chunk store: nothing to compare (or read)
+        if not same and (len(lexical.documents) != len(dense.documents) or any(
+                a.id != b.id for a, b in zip(lexical.documents, dense.documents))):
             raise ValueError("hybrid: the lexical and dense retrievers must index the same documents in the same order")
         super().__init__(lexical.documents)
         if fusion not in FUSIONS:
