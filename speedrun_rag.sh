@@ -161,10 +161,13 @@ if [[ "$BLOCK_PATTERN" =~ ^T+$ ]]; then TAG="d$DEPTH"; else TAG="d${DEPTH}_$BLOC
 
 # a pure Mamba stack reads only with an induction-head init and a gentler SFT that moves on from
 # one-document copying at 70% (it plateaus there: common-word answers) instead of 90%; the question
-# goes before and after its documents (JRT; `after` measured the same). docs/mamba.md has the runs
-SFT_LR_FRAC=1
+# goes before and after its documents (JRT; `after` measured the same). docs/mamba.md has the runs.
+# Some pure-M bases plateau under a gate (two fresh runs sat in world2 for 650 steps and never met
+# 2-hop search): a stage moves on after a third of SFT's steps whatever its EM (not yet measured by runs)
+SFT_LR_FRAC=1  SFT_MAX_STAGE_STEPS=0
 if [[ "$BLOCK_PATTERN" =~ ^M+$ ]]; then
     QUERY_POSITION="${QUERY_POSITION:-both}"  MAMBA_INIT="${MAMBA_INIT:-induction}"  SFT_LR_FRAC=0.3  SFT_ADVANCE_EM=0.7
+    SFT_MAX_STAGE_STEPS=$(( SFT_ITERS / 3 ))
 fi
 
 # directories: the run's own, and the shared download cache
@@ -382,7 +385,7 @@ fi
 stage sft chatsft_checkpoints \
     launch -m scripts.chat_sft --model-tag "$TAG" --block-pattern "$BLOCK_PATTERN" --curriculum "$SFT_CURRICULUM" \
     --num-iterations "$SFT_ITERS" --device-batch-size "$SFT_BATCH" --eval-every "$SFT_EVAL_EVERY" \
-    --eval-examples "$SFT_EVAL_EXAMPLES" --advance-em "$SFT_ADVANCE_EM" --lr-frac "$SFT_LR_FRAC" --seed "$SEED" --query-position "$QUERY_POSITION" $COMPILE
+    --eval-examples "$SFT_EVAL_EXAMPLES" --advance-em "$SFT_ADVANCE_EM" --max-stage-steps "$SFT_MAX_STAGE_STEPS" --lr-frac "$SFT_LR_FRAC" --seed "$SEED" --query-position "$QUERY_POSITION" $COMPILE
 stage rl chatrl_checkpoints \
     launch -m scripts.chat_rl --model-tag "$TAG" --block-pattern "$BLOCK_PATTERN" --curriculum "$RL_CURRICULUM" \
     --num-iterations "$RL_ITERS" --prompts-per-step "$RL_PROMPTS" --num-samples "$RL_SAMPLES" \

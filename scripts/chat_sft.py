@@ -70,6 +70,9 @@ parser.add_argument("--advance-em", type=float, default=0.9,
                     help="teacher-forced EM of the stage's first task in the training batches that moves to the next stage "
                          "(the other tasks of a stage ride along: world2+read2 advances on world2)")
 parser.add_argument("--advance-window", type=int, default=20, help="steps averaged for --advance-em")
+parser.add_argument("--max-stage-steps", type=int, default=0,
+                    help="a stage that has not reached --advance-em after this many steps moves on anyway, so a model "
+                         "that plateaus below the gate still meets the later stages (0: wait for the gate)")
 add_kb_flags(parser, heldout_split=True)
 parser.add_argument("--query-position", default=None, choices=["after", "before", "both"],
                     help="where a question goes relative to its retrieved documents, for this model from now on (saved with "
@@ -117,6 +120,8 @@ if args.num_iterations <= 0 or args.device_batch_size <= 0:
     die("--num-iterations and --device-batch-size must be positive")
 if args.top_k <= 0:
     die(f"--top-k must be positive, got {args.top_k}")
+if args.max_stage_steps < 0:
+    die(f"--max-stage-steps must be >= 0 (0: wait for the gate), got {args.max_stage_steps}")
 if not 0 <= args.qa_heldout_frac < 1 or args.patience < 0:
     die("--qa-heldout-frac must be in [0, 1) and --patience >= 0")
 if own_docs and not args.kb:
@@ -271,7 +276,7 @@ metrics_path = os.path.join(ckpt_dir, "metrics.jsonl")
 if master:
     os.makedirs(ckpt_dir, exist_ok=True)
     open(metrics_path, "w").close()
-train_time, step, stage = 0.0, 0, 0
+train_time, step, stage, stage_start = 0.0, 0, 0, 0
 recent_em = deque(maxlen=args.advance_window)
 best, evals_since_best = None, 0   # early stopping: (mean held-out EM, step, weights, record, answer loss, encoder weights)
 model.train()
@@ -358,11 +363,17 @@ while True:
     if master:
         with open(metrics_path, "a") as f:
             f.write(json.dumps(train_record) + "\n")
-    if (stage + 1 < len(stages) and len(recent_em) == args.advance_window
-            and sum(recent_em) / len(recent_em) >= args.advance_em):
-        stage += 1
+    gate_passed = len(recent_em) == args.advance_window and sum(recent_em) / len(recent_em) >= args.advance_em
+    out_of_steps = args.max_stage_steps > 0 and step - stage_start >= args.max_stage_steps
+    if stage + 1 < len(stages) and (gate_passed or out_of_steps):
+        if gate_passed:
+            print0(f"curriculum: {names[0]} reached batch EM {args.advance_em:.2f} at step {step}")
+        else:
+            em = sum(recent_em) / max(len(recent_em), 1)
+            print0(f"curriculum: {names[0]} at batch EM {em:.2f} (gate {args.advance_em:.2f}) after "
+                   f"{args.max_stage_steps} steps: moving on at step {step} (--max-stage-steps)")
+        stage, stage_start = stage + 1, step
         recent_em.clear()
-        print0(f"curriculum: {names[0]} reached batch EM {args.advance_em:.2f} at step {step}")
         batches = stage_batches(stage)
     # the cycle collector rescanned everything setup left behind every few steps: after the first step set
     # it aside and collect by hand now and then (as base_train and nanochat do)

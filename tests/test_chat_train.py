@@ -164,11 +164,14 @@ def test_chat_eval_on_a_task_loads_no_compiler_and_no_nltk(trained_base):
 def test_sft_torchrun_two_processes_then_rl_two_steps(trained_base, monkeypatch):
     sft = check(run_module("scripts.chat_sft", "--model-tag", "tiny", "--num-iterations", "3", "--device-batch-size", "2",
                            "--eval-every", "0", "--eval-examples", "2", "--curriculum", "world1,world3",
-                           "--query-position", "both", "--no-compile", base_dir=trained_base, torchrun_procs=2))
+                           "--query-position", "both", "--max-stage-steps", "2", "--no-compile",
+                           base_dir=trained_base, torchrun_procs=2))
     assert "step     3/3" in sft
     ckpt = os.path.join(trained_base, "chatsft_checkpoints", "tiny")
     records = [json.loads(l) for l in open(os.path.join(ckpt, "metrics.jsonl"))]
     assert records[-1]["step"] == 3 and "world3/em" in records[-1]
+    # a 20-step base is far from the 0.9 gate: the step budget moved it on, on both ranks alike
+    assert "moving on at step 2 (--max-stage-steps)" in sft and [r["stage"] for r in records if "stage" in r] == [0, 0, 1]
     torch.load(os.path.join(ckpt, "model_000003.pt"), weights_only=True)
     rl = check(run_module("scripts.chat_rl", "--model-tag", "tiny", "--num-iterations", "2", "--prompts-per-step", "2",
                           "--num-samples", "3", "--max-new-tokens", "8", "--eval-every", "0", "--eval-examples", "2",
