@@ -41,7 +41,8 @@ def trainable_query_side(kb, device, start="base"):
     from nanochat.retrieval.query_encoder import load_encoder, encoder_path
     tuned = encoder_path(kb.kb_dir, kb.kb.manifest) if start == "tuned" else None
     encoder = load_encoder(tuned or resolve_model(kb.kb.manifest["dense"]["model"])[0], device)
-    doc_emb = torch.from_numpy(np.asarray(kb.retriever.embeddings, dtype=np.float32)).to(device)
+    # a copy: the KB's embeddings are a read-only memory map, which torch would warn about sharing
+    doc_emb = torch.from_numpy(np.array(kb.retriever.embeddings, dtype=np.float32)).to(device)
     return encoder, doc_emb
 
 
