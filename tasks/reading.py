@@ -140,11 +140,16 @@ class Vocab:
                 return f"{r.randint(1, 65535)}/{r.choice(['tcp', 'udp'])}"
             return f"{r.randint(0, 9)}.{r.randint(0, 20)}.{r.randint(0, 9)}"
         if kind == "version":
-            parts = ".".join(str(r.randint(0, 20)) for _ in range(r.randint(2, 3)))
-            style = r.randrange(4)
-            return [parts, f"{parts}-{r.randint(1, 9)}", f"{r.randint(1, 3)}:{parts}-{r.randint(1, 9)}", f"v{parts}"][style]
+            major = r.randint(0, 20)
+            parts = ".".join([str(major)] + [str(r.randint(0, 20)) for _ in range(r.randint(1, 2))])
+            # one version, or a requirement on versions as dependency fields write them
+            return r.choice([parts, parts, f"{parts}-{r.randint(1, 9)}", f"{r.randint(1, 3)}:{parts}-{r.randint(1, 9)}", f"v{parts}",
+                             f">={parts}", f">= {parts}", f"~={parts}", f">={parts},<{major + 1}", f"({r.choice(['>=', '<<', '='])} {parts})"])
         if kind == "url":
-            return f"https://{self.word()}.{r.choice(['org', 'net', 'io', 'com'])}/{self.word()}"
+            w, tld = self.word, r.choice(['org', 'net', 'io', 'com'])
+            return r.choice([f"https://{w()}.{tld}/{w()}", f"https://www.{w()}.{tld}", f"http://{w()}.{w()}.{tld}/{w()}/",
+                             f"https://{r.choice(['github.com', 'gitlab.com', 'codeberg.org'])}/{w()}/{w()}-{w()}",
+                             f"https://{w()}.{tld}/{w()}/{w()}.html"])
         if kind == "person":
             return self.person()[0]
         raise ValueError(kind)
@@ -175,13 +180,14 @@ QUESTIONS = ["What is the {f} of {e}?", "What is {e}'s {f}?", "What {f} does {e}
 HEAD_NOUNS = ["code", "number", "value", "name", "entry", "field"]
 
 
-def field_question(rng, entity, field, noun=None):
+def field_question(rng, entity, field, noun=None, shorten=True):
     """A question about one field of an entity; with noun, sometimes "the <noun> <entity>" (real
-    questions name the kind of thing: "the currency Iceland Krona")."""
+    questions name the kind of thing: "the currency Iceland Krona"). shorten: a two-word field is
+    sometimes asked by its last word."""
     if noun and rng.random() < 0.15:
         entity = f"the {noun} {entity}"
     f = field
-    if " " in f and rng.random() < 0.25:
+    if shorten and " " in f and rng.random() < 0.25:
         f = f.split()[-1]                      # a shorter name for the field
     elif " " not in f and rng.random() < 0.15:
         f = f"{f} {rng.choice(HEAD_NOUNS)}"    # a wordier one: real keys are terse ("numeric" asked as "numeric code")
@@ -510,6 +516,11 @@ KEY_KINDS = {"version": "version", "homepage": "url", "author": "person", "summa
              "telephone": "number", "email": "url", "owner": "person", "location": "name", "status": "word",
              "editor": "person", "contact": "person", "updated": "date", "size": "number"}
 ENTRY_NOUNS = ["package", "entry", "item", "record", "article", "page", "program", "library", "project", "term"]
+# Real records qualify a key with a word and keep both ("Version" beside "Metadata-Version", "Area"
+# beside "Urban area", "Release date" beside "Original release date"), values of one kind: asked for
+# either, only the whole key picks the line.
+QUALIFIERS = ["minimum", "maximum", "original", "previous", "latest", "metadata", "build", "urban", "total",
+              "estimated", "source", "upstream", "required", "official", "local", "former"]
 ENTRY_CHARS = 1000   # all entries of one drill: ~370 tokens, so that they fit a 512-token context with the question
 
 
@@ -523,8 +534,18 @@ def _entry_schema(v, rng):
         if f not in (k for k, _ in schema):
             schema.append((f, shared if sum(kind == shared for _, kind in schema) < 4 and rng.random() < 0.5
                            else rng.choice(VALUE_KINDS + ["version", "url"])))
+    if rng.random() < 0.4:   # a qualified twin of one key, holding a value of the same kind
+        key, kind = rng.choice([(k, kind) for k, kind in schema if len(k.split()) == 1] or schema)
+        q = rng.choice(QUALIFIERS)
+        schema.append((f"{q} {key}" if rng.random() < 0.7 else f"{key} {q}", kind))
     rng.shuffle(schema)
     return schema
+
+
+def _twin(schema):
+    """The (plain, qualified) keys of the schema's qualified twin, or None."""
+    keys = [k for k, _ in schema]
+    return next(((k, t) for k in keys for t in keys if t != k and k in t.split(" ", 1) + t.rsplit(" ", 1)), None)
 
 
 def _entry_values(v, rng, schema):
@@ -612,11 +633,17 @@ def entry_drill(v, rng, num_docs, paragraphs):
         docs.append({"id": f"d{k}", "title": name, "text": render_entry(rng, v, name, values, paragraph, layout)})
         facts.append(values)
     gold = rng.randrange(num_docs)
-    # a value that is part of the headword ("forest" of forest-copper) would be given away by the question
-    keys = [k for k, _ in schema if facts[gold][k][0].lower() not in names[gold].lower()] or [k for k, _ in schema]
+    # a value that is part of the headword ("forest" of forest-copper) or the key would be given away by the question
+    keys = [k for k, _ in schema if facts[gold][k][0].lower() not in f"{names[gold]} {k}".lower()] or [k for k, _ in schema]
     key = rng.choice(keys)
+    twin = _twin(schema)
+    if twin and rng.random() < 0.7 and all(k in keys for k in twin):
+        key = rng.choice(twin)   # asked for one of the two: "version" must not answer "metadata version"
     noun = rng.choice(ENTRY_NOUNS) if rng.random() < 0.5 else None
-    return docs, gold, field_question(rng, names[gold], _asked_key(rng, key), noun=noun), facts[gold][key][0]
+    # a qualified key is asked whole (dropping its qualifier would ask for its twin)
+    asked = key if twin and key in twin else _asked_key(rng, key)
+    question = field_question(rng, names[gold], asked, noun=noun, shorten=not (twin and key in twin))
+    return docs, gold, question, facts[gold][key][0]
 
 
 def cloze_drill(rng, paragraphs, num_docs):
