@@ -641,8 +641,8 @@ def entry_drill(v, rng, num_docs, paragraphs):
         key = rng.choice(twin)   # asked for one of the two: "version" must not answer "metadata version"
     noun = rng.choice(ENTRY_NOUNS) if rng.random() < 0.5 else None
     # a qualified key is asked whole (dropping its qualifier would ask for its twin)
-    asked = key if twin and key in twin else _asked_key(rng, key)
-    question = field_question(rng, names[gold], asked, noun=noun, shorten=not (twin and key in twin))
+    whole = bool(twin) and key in twin
+    question = field_question(rng, names[gold], key if whole else _asked_key(rng, key), noun=noun, shorten=not whole)
     return docs, gold, question, facts[gold][key][0]
 
 
