@@ -209,7 +209,7 @@ def _encode_share(tmp, job, rank, world, dist, show_progress):
     return bool(ok)
 
 
-def _follow_rank0(out_dir, rank, world, dist, show_progress):
+def _follow_rank0(out_dir, rank, world, dist):
     """A rank other than 0: wait for rank 0 to write the chunks, encode this rank's slice, return None.
     Rank 0 broadcasts its process id (the temp dir's name), or 0 when there is nothing to encode."""
     pid = _collective(dist, 0, "broadcast")
@@ -323,7 +323,7 @@ def build_kb(inputs, out_dir, retrievers=None, chunk_words=None, overlap=None, m
     this with the same arguments; ranks other than 0 encode their share and return None."""
     rank, world, dist = _distributed()
     if rank != 0:
-        return _follow_rank0(out_dir, rank, world, dist, show_progress)
+        return _follow_rank0(out_dir, rank, world, dist)
     told = {"ranks": world == 1}   # the other ranks wait for one broadcast: a job, or 0 for none
     try:
         return _build(inputs, out_dir, retrievers, chunk_words, overlap, model, index, bm25_method, k1, b,
