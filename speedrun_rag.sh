@@ -87,9 +87,9 @@ if [ "$MODE" = cpu ]; then
     DEPTH=4  ASPECT=32  HEAD_DIM=32  SEQ_LEN=512  VOCAB=4096  DATA=embedded:1+realtext:1+reading:1  FINEWEB_SHARDS=0  TIE=--tie-embeddings
     TOK_CHARS=5000000  COMPILE=--compile  SHORT_CONV=4
     BASE_ITERS=1000  BASE_BATCH=8  BASE_TOTAL_BATCH=-1  BASE_EVAL_EVERY=250  BASE_EVAL_TOKENS=65536  BASE_SAMPLE_EVERY=0
-    SFT_CURRICULUM=world1,world2:0.5+world1:0.2+read1:0.3,world3:0.4+world2:0.15+read1:0.2+read3:0.25+turns3:0.1+abstain2:0.1+abstain3:0.05+search2:0.1+chat2:0.1+entries:0.15,world3:0.35+world4:0.2+world2:0.1+read1:0.1+read2:0.1+read3:0.15+turns2:0.1+turns3:0.1+abstain2:0.1+abstain3:0.05+search2:0.1+chat2:0.1+entries:0.2
+    SFT_CURRICULUM=world1,world2:0.5+world1:0.2+read1:0.3,world3:0.4+world2:0.15+read1:0.2+read3:0.25+turns3:0.1+abstain2:0.07+abstain3:0.05+search2:0.1+chat2:0.1+entries:0.15,world3:0.35+world4:0.2+world2:0.1+read1:0.1+read2:0.1+read3:0.15+turns2:0.1+turns3:0.1+abstain2:0.07+abstain3:0.05+search2:0.1+chat2:0.1+entries:0.2
     SFT_ITERS=1200  SFT_BATCH=8  SFT_EVAL_EVERY=200  SFT_EVAL_EXAMPLES=40  SFT_ADVANCE_EM=0.9
-    RL_CURRICULUM=world3:0.45+read1:0.1+turns3:0.1+abstain3:0.1+search2:0.15+entries:0.1  RL_ADVANTAGE=grpo  RL_LR_FRAC=0.3
+    RL_CURRICULUM=world3:0.45+world2:0.1+read1:0.1+turns3:0.1+abstain3:0.1+search2:0.15+entries:0.1  RL_ADVANTAGE=grpo  RL_LR_FRAC=0.3
     RL_ITERS=200  RL_PROMPTS=8  RL_SAMPLES=8  RL_MAX_NEW_TOKENS=48  RL_EVAL_EVERY=50  RL_EVAL_EXAMPLES=60
     EVAL_EXAMPLES=100  EVAL_MAX_NEW_TOKENS=64  TRANSFER_QUESTIONS=100  RETRIEVER_STEPS=150
     NPROC="${NPROC:-1}"
@@ -98,9 +98,9 @@ elif [ "$MODE" = smoke ]; then
     DEPTH=2  ASPECT=32  HEAD_DIM=32  SEQ_LEN=256  VOCAB=2048  DATA=embedded:1+realtext:1+reading:1  FINEWEB_SHARDS=0  TIE=--tie-embeddings
     TOK_CHARS=300000  COMPILE=--no-compile  SHORT_CONV=4
     BASE_ITERS=20  BASE_BATCH=4  BASE_TOTAL_BATCH=-1  BASE_EVAL_EVERY=10  BASE_EVAL_TOKENS=2048  BASE_SAMPLE_EVERY=0
-    SFT_CURRICULUM=world1,world2:0.5+world1:0.2+read1:0.3,world3:0.4+world2:0.15+read1:0.2+read3:0.25+turns3:0.1+abstain2:0.1+abstain3:0.05+search2:0.1+chat2:0.1+entries:0.15,world3:0.35+world4:0.2+world2:0.1+read1:0.1+read2:0.1+read3:0.15+turns2:0.1+turns3:0.1+abstain2:0.1+abstain3:0.05+search2:0.1+chat2:0.1+entries:0.2
+    SFT_CURRICULUM=world1,world2:0.5+world1:0.2+read1:0.3,world3:0.4+world2:0.15+read1:0.2+read3:0.25+turns3:0.1+abstain2:0.07+abstain3:0.05+search2:0.1+chat2:0.1+entries:0.15,world3:0.35+world4:0.2+world2:0.1+read1:0.1+read2:0.1+read3:0.15+turns2:0.1+turns3:0.1+abstain2:0.07+abstain3:0.05+search2:0.1+chat2:0.1+entries:0.2
     SFT_ITERS=10  SFT_BATCH=4  SFT_EVAL_EVERY=5  SFT_EVAL_EXAMPLES=4  SFT_ADVANCE_EM=0.9
-    RL_CURRICULUM=world3:0.45+read1:0.1+turns3:0.1+abstain3:0.1+search2:0.15+entries:0.1  RL_ADVANTAGE=grpo  RL_LR_FRAC=0.3
+    RL_CURRICULUM=world3:0.45+world2:0.1+read1:0.1+turns3:0.1+abstain3:0.1+search2:0.15+entries:0.1  RL_ADVANTAGE=grpo  RL_LR_FRAC=0.3
     RL_ITERS=3  RL_PROMPTS=2  RL_SAMPLES=2  RL_MAX_NEW_TOKENS=16  RL_EVAL_EVERY=2  RL_EVAL_EXAMPLES=4
     EVAL_EXAMPLES=4  EVAL_MAX_NEW_TOKENS=16  TRANSFER_QUESTIONS=4  RETRIEVER_STEPS=2
     NPROC="${NPROC:-1}"

@@ -165,8 +165,8 @@ class Engine:
         for i, query in searches:
             row = rows[i]
             row.num_searches += 1
-            if retrievers[row.prompt] is None or not query or row.num_searches > self.max_searches:
-                # no retriever, empty query or over the hop cap: an empty result, so the model sees its search failed
+            if retrievers[row.prompt] is None or not query:
+                # no retriever or an empty query: an empty result, so the model sees its search failed
                 row.parts.append({"type": "search_results", "documents": []})
                 continue
             retriever, top_k = retrievers[row.prompt], top_ks[row.prompt]
@@ -258,6 +258,9 @@ class Engine:
             if all(rows[i].completed for i in live):
                 break
             logits.masked_fill_(not_tokens, float("-inf"))
+            capped = [j for j, i in enumerate(live) if rows[i].num_searches >= self.max_searches]
+            if capped:   # out of searches: the row must answer with what it has (no loop of empty searches)
+                logits[capped, self.S["<|search_start|>"]] = float("-inf")
             if per_prompt:
                 sampled_t = self._sample_per_prompt(logits, [rows[i] for i in live], generators, temperature, top_k)
             else:

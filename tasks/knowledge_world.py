@@ -308,29 +308,47 @@ def _conversation(q, **extra):
             "answers": q["answers"], "hops": q["hops"], "queries": q["queries"], "type": q["type"], **extra}
 
 
-def unanswerable_question(rng, world, other, hops=1):
+def foreign_name(rng, split):
+    """A name of another shape than the world's two-syllable ones, made of real English words of
+    the split ("Breakpoint", "Showed Feed", "Senslash"): users ask about "France" and "Hamlet",
+    and a model that only ever searched for names like "Balun" garbles those in its searches."""
+    from tasks.reading import english_words, Vocab
+    train_words, heldout_words = english_words()
+    return Vocab(train_words if split == "train" else heldout_words, rng).name()
+
+
+def unanswerable_question(rng, world, other, hops=1, foreign_split=None):
     """A question about an entity of `other` that `world` never mentions, so the documents of
     `world` cannot answer it: the answer is ABSTAIN. Its one hop is the missing entity (a search
-    for it finds only other things)."""
-    texts = [d["text"] for d in world.documents()]
+    for it finds only other things). foreign_split: half the questions name a foreign_name of
+    that split instead (asked the same way)."""
+    texts = [d["text"].lower() for d in world.documents()]
     for _ in range(50):
         q = other.question(rng, hops)
         name = q["hops"][0]
-        if q["type"] != "comparison" and name not in world.entities and not any(name in t for t in texts):
-            return {"question": q["question"], "answers": [ABSTAIN], "hops": [name], "queries": [name], "type": "unanswerable"}
+        question = q["question"]
+        if foreign_split and rng.random() < 0.5:
+            new = foreign_name(rng, foreign_split)
+            if new not in question:
+                question, name = question.replace(name, new), new
+        if q["type"] != "comparison" and name not in world.entities and not any(name.lower() in t for t in texts):
+            return {"question": question, "answers": [ABSTAIN], "hops": [name], "queries": [name], "type": "unanswerable"}
     raise RuntimeError("no unanswerable question found in 50 draws (the two worlds share every name?)")
 
 
 def with_history(example, rng, worlds, turns, hops_choices=(1, 1, 2)):
     """The example as the last turn of a conversation of 2..turns questions: the earlier ones about
     one of `worlds` (the example's own world: a follow-up; another: an unrelated question), given
-    as text the way a chat sends its history, their answers context, not targets ("trained": False)."""
+    as text the way a chat sends its history, their answers context, not targets ("trained": False).
+    An unanswerable example stays one (its type, and 1..turns questions: it may come first too)."""
+    unanswerable = example["type"] == "unanswerable"
     history = []
-    for _ in range(rng.randint(1, turns - 1)):
+    for _ in range(rng.randint(0 if unanswerable else 1, turns - 1)):
         q = rng.choice(worlds).question(rng, rng.choice(hops_choices))
         history += [{"role": "user", "content": q["question"]}, {"role": "assistant", "content": q["answers"][0], "trained": False}]
     example["messages"] = history + example["messages"]
-    example["type"] = f"turn {len(history) // 2 + 1}"
+    if not unanswerable:
+        example["type"] = f"turn {len(history) // 2 + 1}"
     return example
 
 
@@ -362,7 +380,7 @@ class WorldQA(_WorldQATask):
     def get_example(self, index):
         rng = random.Random(f"q-{self.seed}-{self.hops}-{index}")
         if self.unanswerable is not None:
-            example = _conversation(unanswerable_question(rng, self.world, self.unanswerable, self.hops))
+            example = _conversation(unanswerable_question(rng, self.world, self.unanswerable, self.hops, "heldout"))
         else:
             example = _conversation(self.world.question(rng, self.hops))
         if self.turns > 1:
@@ -389,7 +407,7 @@ class WorldStream(_WorldQATask):
         world = mini_world(rng, "train", self.rigid)
         if self.unanswerable:
             other = mini_world(random.Random(f"stream-other-{self.seed}-{index}"), "train", self.rigid)
-            example = _conversation(unanswerable_question(rng, world, other, self.hops), kb=world.documents())
+            example = _conversation(unanswerable_question(rng, world, other, self.hops, "train"), kb=world.documents())
         else:
             example = _conversation(world.question(rng, self.hops), kb=world.documents())
         if self.turns > 1:

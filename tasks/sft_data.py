@@ -38,13 +38,14 @@ def build_task(name, args, split, seed=None):
     kind = next((k for k in ("world", "turns", "abstain", "search", "chat") if name.startswith(k) and name[len(k):].isdigit()), None)
     if kind:
         # worldN: level N of the knowledge world; turnsN: its questions as the 2nd or 3rd turn of a chat;
-        # abstainN: questions about entities the KB lacks, answered "The documents do not say.";
+        # abstainN: questions about entities the KB lacks, answered "The documents do not say.", alone or
+        # as the 2nd/3rd turn of a chat, half of them naming something of another shape than the world's names;
         # searchN: single-hop levels answered by the model's own search (a chat's retrieval mode auto);
         # chatN: both, a follow-up the model searches for (what the web UI's default mode asks)
         level = int(name[len(kind):])
         if level not in LEVELS:
             raise ValueError(f"unknown knowledge-world level {name!r}: use {kind}1..{kind}{max(LEVELS)}")
-        options = dict(turns=3 if kind in ("turns", "chat") else 1, unanswerable=kind == "abstain",
+        options = dict(turns=3 if kind in ("turns", "chat", "abstain") else 1, unanswerable=kind == "abstain",
                        search=kind in ("search", "chat"), retriever=args.retriever)
         if split == "train":
             return world_task(level, "train", num_examples=args.stream_examples, seed=args.seed if seed is None else seed, **options)

@@ -161,8 +161,10 @@ def test_search_caps_hops(tokenizer):
     one = [S["<|search_start|>"]] + tokenizer.encode("king") + [S["<|search_end|>"]]
     model, engine = scripted_engine(tokenizer, one * 3 + [S["<|assistant_end|>"]], retriever, max_searches=2)
     rows = run_scripted(model, engine, tokenizer.encode("q", prepend="<|bos|>"), max_tokens=40, temperature=0.0)
-    results = [p for p in rows[0].parts if p["type"] == "search_results"]
-    assert [len(p["documents"]) for p in results] == [1, 1, 0]
+    # the third search is never opened: after two, <|search_start|> cannot be sampled, the row writes text
+    assert [p["type"] for p in rows[0].parts][:4] == ["search", "search_results", "search", "search_results"]
+    assert [len(p["documents"]) for p in rows[0].parts if p["type"] == "search_results"] == [1, 1]
+    assert rows[0].tokens.count(S["<|search_start|>"]) == 2 and rows[0].num_searches == 2
 
 
 def test_tool_only_tokens_never_sampled_and_max_tokens(tokenizer):

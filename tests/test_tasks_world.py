@@ -146,17 +146,22 @@ def test_conversations_and_unanswerable_questions(tokenizer):
         assert kinds == {"turn 2", "turn 3"}
         # about an entity the KB never mentions: the answer is ABSTAIN, whatever the search brings
         for level in (2, 3):
-            task = world_task(level, split, num_examples=10, unanswerable=True)
-            for i in range(10):
+            task = world_task(level, split, num_examples=20, unanswerable=True, turns=3)
+            with_earlier, foreign = 0, 0
+            for i in range(20):
                 ex = task[i]
                 assert ex["answers"] == [ABSTAIN] and ex["type"] == "unanswerable"
                 missing = ex["hops"][0]
+                with_earlier += sum(m["role"] == "user" for m in ex["messages"]) > 1
+                foreign += missing not in ALL_NAMES
                 shown = [d for m in ex["messages"] if m["role"] == "retrieval" for d in m["documents"]]
                 final = ex["messages"][-1]["content"]
                 if not isinstance(final, str):
                     shown += [d for p in final if p["type"] == "search_results" for d in p["documents"]]
                     assert final[0] == {"type": "search", "text": missing} and final[-1] == {"type": "text", "text": ABSTAIN}
                 assert missing in ex["messages"][-2]["content"] and not any(missing in d["text"] for d in shown)
+            # alone or after earlier turns; half name something of another shape ("Showed Feed", not "Balun")
+            assert 3 <= with_earlier <= 19 and 4 <= foreign <= 16, (with_earlier, foreign)
         # single-hop, answered by the model's own search (a chat's retrieval mode auto)
         task = world_task(2, split, num_examples=5, search=True)
         for i in range(5):
