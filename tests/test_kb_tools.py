@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from nanochat.retrieval import RetrievalManager, load_kb, make_retriever
+from nanochat.retrieval import Document, RetrievalManager, load_kb, make_retriever
 from nanochat.retrieval import dense
 from nanochat.retrieval.kb import build_kb, FORMAT_VERSION
 from nanochat.retrieval.evaluate import read_queries
@@ -426,7 +426,8 @@ def test_chunks_are_read_from_disk_by_offset(dense_kb):
 
 def make_old_format(kb_dir):
     """Turn a KB into what build_kb wrote before offsets and lookup arrays existed."""
-    for name in ("docs.offsets.npy", "chunks.offsets.npy", "docs.chunks.npy", "docs.keys.npy", "bm25/best.npy"):
+    for name in ("docs.offsets.npy", "chunks.offsets.npy", "docs.chunks.npy", "docs.keys.npy", "bm25/best.npy",
+                 "bm25/terms.hashes.npy", "bm25/terms.ids.npy"):
         if os.path.exists(os.path.join(kb_dir, name)):
             os.remove(os.path.join(kb_dir, name))
     path = os.path.join(kb_dir, "manifest.json")
@@ -455,6 +456,25 @@ def test_older_kb_without_offsets_loads_and_grows(dense_kb, tmp_path):
     assert (s["new_docs"], s["duplicates"]) == (2, 1)
     assert os.path.exists(os.path.join(old, "docs.keys.npy"))
     assert RetrievalManager(old, "bm25").search("capital of Italy", 1)[0].document.doc_id == "rome"
+
+
+def test_bm25_terms_are_mapped_and_a_hash_clash_falls_back(tmp_path, monkeypatch):
+    from nanochat.retrieval import bm25
+    docs = [Document(d["id"], d.get("title", ""), d["text"]) for d in DOCS]
+    memory = bm25.BM25Retriever(docs)
+    queries = ["capital of Germany", "E4021", "morning drink", "zebra", "nothing matches xyzzy", ""]
+    expected = [[(r.document.id, r.score) for r in hits] for hits in memory.search_batch(queries, 4)]
+    memory.save(str(tmp_path / "a"))
+    mapped = bm25.BM25Retriever.load(str(tmp_path / "a"), docs, mmap=True)
+    assert isinstance(mapped.vocab, bm25.TermIds) and len(mapped.vocab) == len(memory.vocab)
+    assert all(mapped.vocab.get(t) == i for t, i in memory.vocab.items()) and "xyzzy" not in mapped.vocab
+    assert [[(r.document.id, r.score) for r in hits] for hits in mapped.search_batch(queries, 4)] == expected
+    monkeypatch.setattr(bm25, "term_hash", lambda term: 7)   # every term clashes: no arrays, the JSON vocabulary
+    memory.save(str(tmp_path / "b"))
+    assert not os.path.exists(tmp_path / "b" / bm25.TERM_HASHES)
+    fallback = bm25.BM25Retriever.load(str(tmp_path / "b"), docs, mmap=True)
+    assert isinstance(fallback.vocab, dict)
+    assert [[(r.document.id, r.score) for r in hits] for hits in fallback.search_batch(queries, 4)] == expected
 
 
 def test_add_appends_to_the_old_files(bm25_kb, tmp_path):

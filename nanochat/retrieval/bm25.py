@@ -8,6 +8,7 @@ with the query are never returned (no zero-score padding).
 """
 import os
 import json
+import hashlib
 from array import array
 from types import SimpleNamespace
 
@@ -52,15 +53,16 @@ class BM25Retriever(Retriever):
         return self._best
 
     def best_possible(self, query):
-        vocab, best = self.vocab, self.best
+        best = self.best
         if self._best_unknown is None:
             self._best_unknown = float(np.max(best, initial=0.0))
-        return float(sum(best[vocab[t]] if t in vocab else self._best_unknown for t in tokenize(query)))
+        ids = [self.vocab.get(t) for t in tokenize(query)]
+        return float(sum(self._best_unknown if i is None else best[i] for i in ids))
 
     def query_ids(self, query):
         # unknown tokens are dropped, repeated ones kept (they count again, as in rank-bm25)
-        vocab = self.vocab
-        return [vocab[t] for t in tokenize(query) if t in vocab]
+        ids = [self.vocab.get(t) for t in tokenize(query)]
+        return [i for i in ids if i is not None]
 
     def all_scores(self, query):
         """Scores of every document (numpy float32, zeros where no token matched), or None."""
@@ -95,13 +97,63 @@ class BM25Retriever(Retriever):
     def load(cls, directory, documents, mmap=False):
         if os.path.exists(os.path.join(directory, "empty.json")):
             return cls(documents)
-        index = bm25s.BM25.load(directory, mmap=mmap, show_progress=False)
+        # mapped: the terms come from TermIds' arrays, not bm25s's JSON vocabulary (a dict of every term)
+        mapped = mmap and os.path.exists(os.path.join(directory, TERM_HASHES))
+        index = bm25s.BM25.load(directory, mmap=mmap, load_vocab=not mapped, show_progress=False)
         if index.scores["num_docs"] != len(documents):
             raise ValueError(f"{directory}: BM25 index has {index.scores['num_docs']} documents, "
                              f"the KB has {len(documents)} chunks (KB is inconsistent; rebuild it)")
+        if mapped:
+            index.vocab_dict = TermIds.load(directory)
         best_path = os.path.join(directory, "best.npy")   # absent in KBs built before it was stored
         best = np.load(best_path, mmap_mode="r" if mmap else None, allow_pickle=False) if os.path.exists(best_path) else None
         return cls(documents, _index=index, _best=best)
+
+
+TERM_HASHES, TERM_IDS = "terms.hashes.npy", "terms.ids.npy"
+
+
+def term_hash(term):
+    # 64 bits: two of a million terms share one with probability ~3e-8; save_index checks anyway
+    return int.from_bytes(hashlib.blake2b(term.encode(), digest_size=8).digest(), "little")
+
+
+class TermIds:
+    """term -> id like bm25s's vocabulary dict, from two memory-mapped arrays (the sorted 64-bit
+    hashes of the terms and their ids): a loaded index holds no Python object per term (a dict
+    costs ~200 bytes per term, and a large KB has millions)."""
+
+    def __init__(self, hashes, ids):
+        self.hashes, self.ids = hashes, ids
+
+    @classmethod
+    def load(cls, directory):
+        return cls(*(np.load(os.path.join(directory, n), mmap_mode="r", allow_pickle=False) for n in (TERM_HASHES, TERM_IDS)))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def get(self, term, default=None):
+        h = np.uint64(term_hash(term))
+        i = int(np.searchsorted(self.hashes, h))
+        return int(self.ids[i]) if i < len(self.hashes) and self.hashes[i] == h else default
+
+    def __contains__(self, term):
+        return self.get(term) is not None
+
+
+def save_term_ids(vocab, directory):
+    """The vocabulary as TermIds' two arrays; not written if two terms share a hash (the index then
+    loads bm25s's JSON vocabulary, as KBs built before these files did)."""
+    hashes = np.fromiter((term_hash(t) for t in vocab), dtype=np.uint64, count=len(vocab))
+    ids = np.fromiter(vocab.values(), dtype=np.int64, count=len(vocab))
+    order = np.argsort(hashes, kind="stable")
+    hashes, ids = hashes[order], ids[order]
+    if len(hashes) > 1 and np.any(hashes[1:] == hashes[:-1]):
+        return False
+    np.save(os.path.join(directory, TERM_HASHES), hashes, allow_pickle=False)
+    np.save(os.path.join(directory, TERM_IDS), ids, allow_pickle=False)
+    return True
 
 
 def save_index(bm25, num_docs, directory, best=None):
@@ -111,6 +163,7 @@ def save_index(bm25, num_docs, directory, best=None):
             json.dump({"num_docs": num_docs}, f)
         return
     bm25.save(directory, show_progress=False)
+    save_term_ids(bm25.vocab_dict, directory)
     best = term_maxima(bm25, len(bm25.vocab_dict)) if best is None else best
     np.save(os.path.join(directory, "best.npy"), np.asarray(best), allow_pickle=False)
 
