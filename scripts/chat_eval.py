@@ -71,7 +71,7 @@ try:
             kb = open_kb(args.kb, args.retriever, args.embedding_model, args.query_encoder)
             task = MultiHopRAGTask(base, kb, args.top_k) if args.multihop else RAGTask(base, kb, args.top_k)
     else:
-        task = build_task(args.task, args, "heldout")
+        task = build_task(args.task, args, "heldout", context_len=model.config.sequence_len)
     if args.random_documents:
         from tasks.rag import RandomDocuments
         task = RandomDocuments(task)

@@ -79,8 +79,9 @@ try:
     model, tokenizer, meta = load_model(args.source, device, phase="train", model_tag=model_tag,
                                         expect_block_pattern=args.block_pattern)
     # each stage: one weighted mixture; a prompt is scored by the task it came from (TaskMixture.task_at)
-    stage_tasks = [build_mixture(stage, args, "train") for stage in stages]
-    eval_tasks = {name: build_task(name, args, "heldout") for name, _ in parse_mixture(args.eval_mixture)}
+    context_len = model.config.sequence_len
+    stage_tasks = [build_mixture(stage, args, "train", context_len=context_len) for stage in stages]
+    eval_tasks = {name: build_task(name, args, "heldout", context_len=context_len) for name, _ in parse_mixture(args.eval_mixture)}
 except (FileNotFoundError, ValueError, RuntimeError) as e:
     die(str(e))
 print0(f"RL of {args.source}/{model_tag} ({model.config.block_pattern}); curriculum: {args.curriculum.replace(',', ' -> ')}")

@@ -177,9 +177,9 @@ def stage_batches(stage):
 try:
     # every stage built now, so a bad task name or KB fails before training; each stage streams its
     # own examples (seed per stage): a task kept from the previous stage shows new ones
-    stage_tasks = [build_mixture(items, args, "train", seed=args.seed + 1000 * k) for k, items in enumerate(stages)]
+    stage_tasks = [build_mixture(items, args, "train", args.seed + 1000 * k, seq_len) for k, items in enumerate(stages)]
     batches = stage_batches(0)
-    eval_tasks = {name: build_task(name, args, "heldout") for name, _ in parse_mixture(args.eval_mixture)}
+    eval_tasks = {name: build_task(name, args, "heldout", context_len=seq_len) for name, _ in parse_mixture(args.eval_mixture)}
 except (ValueError, FileNotFoundError, RuntimeError) as e:
     die(str(e))
 print0(f"held-out eval: {', '.join(eval_tasks)}")

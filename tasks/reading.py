@@ -521,7 +521,7 @@ ENTRY_NOUNS = ["package", "entry", "item", "record", "article", "page", "program
 # either, only the whole key picks the line.
 QUALIFIERS = ["minimum", "maximum", "original", "previous", "latest", "metadata", "build", "urban", "total",
               "estimated", "source", "upstream", "required", "official", "local", "former"]
-ENTRY_CHARS = 1000   # all entries of one drill: ~370 tokens, so that they fit a 512-token context with the question
+ENTRY_CHARS = 1000   # all entries of one drill, per 512 tokens of context: ~370 tokens, so they fit with the question
 
 
 def _entry_schema(v, rng):
@@ -608,7 +608,7 @@ def _asked_key(rng, key):
     return key
 
 
-def entry_drill(v, rng, num_docs, paragraphs):
+def entry_drill(v, rng, num_docs, paragraphs, entry_chars=ENTRY_CHARS):
     """Long multi-field entries of one shape about different things (names that often share a
     part, as `libxml-parser-perl` and `libxml-twig-perl` do); the question names one entry's
     headword and asks for a field in other words. Multi-word values are copied whole."""
@@ -624,7 +624,7 @@ def entry_drill(v, rng, num_docs, paragraphs):
             seen.add(name.lower())
             names.append(name)
     layout = rng.choice(["control", "infobox", "dictionary", "prose first"])
-    budget = ENTRY_CHARS // num_docs
+    budget = entry_chars // num_docs
     docs, facts = [], []
     for k, name in enumerate(names):
         values = _entry_values(v, rng, schema)
@@ -679,11 +679,12 @@ class ReadingDrills(Task):
     training words, names and shapes; 'heldout' only held-out words and names, all shapes."""
 
     def __init__(self, level=1, split="train", num_examples=100_000, seed=0, words=None, paragraphs=None, unkeyed=True,
-                 only=None, **kwargs):
+                 only=None, context_len=512, **kwargs):
         super().__init__(**kwargs)
         assert level in (1, 2, 3), f"level must be 1, 2 or 3, got {level}"
         assert split in ("train", "heldout"), f"split must be train or heldout, got {split!r}"
         self.level, self.split, self.n, self.seed = level, split, num_examples, seed
+        self.entry_chars = ENTRY_CHARS * context_len // 512   # a longer context reads longer entries
         if words is None:
             train_words, heldout_words = english_words()
             words = train_words if split == "train" else heldout_words
@@ -718,7 +719,7 @@ class ReadingDrills(Task):
             if shape in FIELD_SHAPES:
                 made = record_drill(v, rng, shape, num_docs)
             elif shape == "entry":
-                made = entry_drill(v, rng, num_docs if num_docs == 1 else rng.randint(2, 3), self.paragraphs)
+                made = entry_drill(v, rng, num_docs if num_docs == 1 else rng.randint(2, 3), self.paragraphs, self.entry_chars)
             elif shape == "cloze":
                 made = cloze_drill(rng, self.paragraphs, num_docs)
             elif shape in TERM_QUESTIONS:
@@ -773,11 +774,13 @@ def pretraining_text(index, split="train"):
     return "\n\n".join(blocks)
 
 
-def reading_task(level, split="train", num_examples=None, seed=0, only=None):
+def reading_task(level, split="train", num_examples=None, seed=0, only=None, context_len=512):
     """Drills wrapped for RAG: each example's own documents searched by BM25 (top 3), shown in
-    random order so that the answer is not always in document [1]. only: these shapes alone."""
+    random order so that the answer is not always in document [1]. only: these shapes alone.
+    context_len: the model's (long entries are sized to fit it)."""
     from tasks.rag import RAGTask
-    base = ReadingDrills(level, split, num_examples or (100_000 if split == "train" else 500), seed, only=only)
+    base = ReadingDrills(level, split, num_examples or (100_000 if split == "train" else 500), seed, only=only,
+                         context_len=context_len)
     return RAGTask(base, "bm25", 1 if level <= 2 else 3, shuffle=True)
 
 

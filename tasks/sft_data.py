@@ -31,9 +31,10 @@ def add_kb_flags(parser, heldout_split=False):
                             help="--qa: share of the documents whose questions are held out (never trained on); 0 = train on every question")
 
 
-def build_task(name, args, split, seed=None):
+def build_task(name, args, split, seed=None, context_len=512):
     """One named task for a mixture. split 'train' streams fresh worlds (seed: which stream,
-    default args.seed); 'heldout' is for evaluation."""
+    default args.seed); 'heldout' is for evaluation. context_len: the model's, which the long
+    entries of reading drills are sized for."""
     from tasks.rag import world_task, RAGTask, MultiHopRAGTask, LEVELS
     kind = next((k for k in ("world", "turns", "abstain", "search", "chat") if name.startswith(k) and name[len(k):].isdigit()), None)
     if kind:
@@ -55,8 +56,8 @@ def build_task(name, args, split, seed=None):
         from tasks.reading import reading_task
         level, only = (3, ("entry",)) if name == "entries" else (int(name[4:]), None)
         if split == "train":
-            return reading_task(level, "train", args.stream_examples, args.seed if seed is None else seed, only)
-        return reading_task(level, "heldout", args.eval_examples, only=only)
+            return reading_task(level, "train", args.stream_examples, args.seed if seed is None else seed, only, context_len)
+        return reading_task(level, "heldout", args.eval_examples, only=only, context_len=context_len)
     if name == "recall":   # key -> value recall drills (tasks.recall); held out: names never trained on
         from tasks.recall import RecallDrills
         if split == "train":
@@ -127,9 +128,9 @@ def parse_curriculum(spec):
     return stages
 
 
-def build_mixture(items, args, split="train", seed=None):
+def build_mixture(items, args, split="train", seed=None, context_len=512):
     """A TaskMixture of parsed (name, weight) items: each task takes its weight's share of the draws."""
-    tasks = [build_task(name, args, split, seed) for name, _ in items]
+    tasks = [build_task(name, args, split, seed, context_len) for name, _ in items]
     return TaskMixture(tasks, [w for _, w in items], seed=args.seed if seed is None else seed)
 
 

@@ -151,3 +151,13 @@ def test_long_entries_need_the_key_and_the_headword():
         qualified += any(q in words for q in QUALIFIERS)
     assert synonyms >= 15 and near_misses >= 40   # keys asked by another name; headwords sharing their first part
     assert 10 <= qualified <= 60
+
+
+def test_long_entries_grow_with_the_context():
+    # a model with twice the context reads entries with twice the prose (the entries task at 1024 tokens)
+    from tasks.reading import ReadingDrills
+    sizes, paragraphs = {}, [" ".join(PARAGRAPHS[i:i + 8]) for i in range(12)]   # real prose is long
+    for context_len in (512, 1024):
+        drills = ReadingDrills(3, "train", 40, words=list(WORDS), paragraphs=paragraphs, only=("entry",), context_len=context_len)
+        sizes[context_len] = sum(len(d["text"]) for i in range(40) for d in drills[i]["kb"])
+    assert sizes[1024] > 1.4 * sizes[512]
