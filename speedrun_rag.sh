@@ -27,7 +27,7 @@ usage() {
     sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"   # the comment block at the top of this file
     echo
     echo "flags: --smoke | --gpu | --cpu | --fresh | --block-pattern P | --run-dir DIR | --from-nanochat CKPT_DIR | --nanochat-tokenizer TOK_DIR | -h"
-    echo "env:   BLOCK_PATTERN, RUN_DIR, NPROC (processes per training stage), SEED (fine-tuning streams), NANOCHAT_BASE_DIR (download cache),"
+    echo "env:   BLOCK_PATTERN, RUN_DIR, NPROC (processes per training stage), SEED (a replicate: base init and data, fine-tuning streams), NANOCHAT_BASE_DIR (download cache),"
     echo "       QUERY_POSITION (after | before | both: the question relative to its documents, chat_sft --query-position),"
     echo "       MAMBA_INIT (default | mimetic | induction: base_train --mamba-init),"
     echo "       BASE_ITERS, SFT_ITERS, RL_ITERS (override the mode's step counts, e.g. a longer SFT for a Mamba pattern),"
@@ -186,7 +186,7 @@ touch "$RUN_DIR/.speedrun"
 RUN_DIR="$(cd "$RUN_DIR" && pwd)"
 SHOW_DIR="${RUN_DIR#"$PWD"/}"   # as typed from the repo root, when it is inside it
 export NANOCHAT_BASE_DIR="$RUN_DIR"
-SEED="${SEED:-0}"   # seed of SFT's (and, plus one, RL's) example streams: another SEED is a replicate of fine-tuning
+SEED="${SEED:-0}"   # another SEED is a replicate: base weights and data, SFT's (and, plus one, RL's) example streams
 QUERY_POSITION="${QUERY_POSITION:-after}"   # where questions go relative to their documents (saved with the model)
 MAMBA_INIT="${MAMBA_INIT:-default}"         # default | mimetic: how M blocks start (base_train --mamba-init)
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}"
@@ -380,7 +380,7 @@ stage base base_checkpoints \
     launch -m scripts.base_train --depth "$DEPTH" --aspect-ratio "$ASPECT" --head-dim "$HEAD_DIM" \
     --block-pattern "$BLOCK_PATTERN" --max-seq-len "$SEQ_LEN" --data "$DATA" --num-iterations "$BASE_ITERS" \
     --device-batch-size "$BASE_BATCH" --total-batch-size "$BASE_TOTAL_BATCH" --eval-every "$BASE_EVAL_EVERY" \
-    --eval-tokens "$BASE_EVAL_TOKENS" --sample-every "$BASE_SAMPLE_EVERY" --model-tag "$TAG" --short-conv "$SHORT_CONV" --mamba-init "$MAMBA_INIT" $TIE $COMPILE ${NANOCHAT_ARCH:+--nanochat-arch}
+    --eval-tokens "$BASE_EVAL_TOKENS" --sample-every "$BASE_SAMPLE_EVERY" --model-tag "$TAG" --short-conv "$SHORT_CONV" --mamba-init "$MAMBA_INIT" $TIE $COMPILE ${NANOCHAT_ARCH:+--nanochat-arch} --seed "$SEED"
 fi
 stage sft chatsft_checkpoints \
     launch -m scripts.chat_sft --model-tag "$TAG" --block-pattern "$BLOCK_PATTERN" --curriculum "$SFT_CURRICULUM" \

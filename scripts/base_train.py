@@ -93,6 +93,8 @@ parser.add_argument("--sample-every", type=int, default=500, help="print samples
 parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
 parser.add_argument("--resume-from-step", type=int, default=-1, help="resume from this checkpoint step of the same --model-tag")
 parser.add_argument("--model-tag", default="", help="checkpoint directory name (default d<depth>[_<pattern>])")
+parser.add_argument("--seed", type=int, default=0,
+                    help="another seed is a replicate: other initial weights and the data stream from another point")
 parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                     help="torch.compile the training forward/backward (on by default: CPU ~1.4x faster steps after "
                          "~15 s of compiling, docs/benchmarks.md; --no-compile for short runs and tests)")
@@ -115,6 +117,7 @@ if args.marginalize and not args.retrieval_augment:
 if args.marginalize:
     args.retriever = "dense"
 
+SEED_DOCS = 1_000_000
 # -----------------------------------------------------------------------------
 # Setup: processes, tokenizer, model
 ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
@@ -139,6 +142,7 @@ ckpt_dir = checkpoint_dir("base", model_tag)
 with torch.device("meta"):
     model = GPT(config)
 model.to_empty(device=device)
+torch.manual_seed(42 + args.seed)
 model.init_weights()
 resuming = args.resume_from_step >= 0
 if resuming:
@@ -173,7 +177,8 @@ try:
     train_source, val_source = get_source(args.data, "train", generated=GENERATED), get_source(args.data, "val", generated=GENERATED)
 except (ValueError, FileNotFoundError) as e:
     die(str(e))
-start_doc = meta["loader_state"][rank]["next_doc"] if resuming else None
+# a replicate (--seed) reads the stream from another point: a million documents further per seed
+start_doc = meta["loader_state"][rank]["next_doc"] if resuming else (rank + SEED_DOCS * args.seed if args.seed else None)
 if resuming and len(meta["loader_state"]) != world_size:
     die(f"checkpoint was written by {len(meta['loader_state'])} processes; resume with the same number (got {world_size})")
 kb = None

@@ -42,6 +42,18 @@ def test_pretrain_loss_falls_and_checkpoint_is_tensors_only(base_dir, parquet_di
         assert resumed[s] == pytest.approx(losses[s], abs=2e-4), (s, resumed[s], losses[s])
 
 
+def test_seed_is_a_replicate(base_dir, parquet_dir):
+    # --seed 0 is the default run; another seed starts from other weights and other documents
+    runs = {}
+    for seed in (None, "0", "1"):
+        extra = ("--seed", seed) if seed else ()
+        out = check(run_module("scripts.base_train", *TINY, "--data", parquet_dir, "--num-iterations", "3",
+                               "--model-tag", f"seed{seed}", *extra, base_dir=base_dir))
+        runs[seed] = step_losses(out)
+    assert runs[None] == runs["0"]
+    assert runs["1"][1] != runs["0"][1]
+
+
 def test_torchrun_two_cpu_processes(base_dir, parquet_dir):
     out = check(run_module("scripts.base_train", *TINY, "--data", parquet_dir, "--num-iterations", "20",
                            "--device-batch-size", "2", "--model-tag", "ddp", base_dir=base_dir, torchrun_procs=2))
