@@ -144,8 +144,11 @@ def evaluate_task(model, tokenizer, task, num_examples, max_tokens=64, retrieval
     model.eval()
     records = []
     for first in range(start, start + n, batch_size):
-        examples = [task[i] for i in range(first, min(first + batch_size, start + n))]
-        results = rollouts(model, tokenizer, [task] * len(examples), examples, 1, 0.0, None, max_tokens, 0,
+        indices = range(first, min(first + batch_size, start + n))
+        examples = [task[i] for i in indices]
+        # a mixture's example is scored and searched by the task it came from
+        tasks = [task.task_at(i) for i in indices] if hasattr(task, "task_at") else [task] * len(examples)
+        results = rollouts(model, tokenizer, tasks, examples, 1, 0.0, None, max_tokens, 0,
                            max_searches, retrieval, ensemble=ensemble)
         for example, (_, (s,)) in zip(examples, results):
             for k in keys:

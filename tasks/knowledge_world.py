@@ -317,17 +317,17 @@ def foreign_name(rng, split):
     return Vocab(train_words if split == "train" else heldout_words, rng).name()
 
 
-def unanswerable_question(rng, world, other, hops=1, foreign_split=None):
+def unanswerable_question(rng, world, other, hops=1, foreign_split=None, foreign_share=0.5):
     """A question about an entity of `other` that `world` never mentions, so the documents of
     `world` cannot answer it: the answer is ABSTAIN. Its one hop is the missing entity (a search
-    for it finds only other things). foreign_split: half the questions name a foreign_name of
-    that split instead (asked the same way)."""
+    for it finds only other things). foreign_split: a share of the questions name a foreign_name
+    of that split instead (asked the same way)."""
     texts = [d["text"].lower() for d in world.documents()]
     for _ in range(50):
         q = other.question(rng, hops)
         name = q["hops"][0]
         question = q["question"]
-        if foreign_split and rng.random() < 0.5:
+        if foreign_split and rng.random() < foreign_share:
             new = foreign_name(rng, foreign_split)
             if new not in question:
                 question, name = question.replace(name, new), new
@@ -336,15 +336,20 @@ def unanswerable_question(rng, world, other, hops=1, foreign_split=None):
     raise RuntimeError("no unanswerable question found in 50 draws (the two worlds share every name?)")
 
 
-def with_history(example, rng, worlds, turns, hops_choices=(1, 1, 2)):
+def with_history(example, rng, worlds, turns, split, hops_choices=(1, 1, 2)):
     """The example as the last turn of a conversation of 2..turns questions: the earlier ones about
     one of `worlds` (the example's own world: a follow-up; another: an unrelated question), given
-    as text the way a chat sends its history, their answers context, not targets ("trained": False).
-    An unanswerable example stays one (its type, and 1..turns questions: it may come first too)."""
+    as text the way a chat sends its history, their answers context, not targets ("trained": False);
+    one in five earlier questions was about something the KB lacks (a foreign_name of `split`) and
+    was answered ABSTAIN. An unanswerable example stays one (its type, and 1..turns questions: it
+    may come first too)."""
     unanswerable = example["type"] == "unanswerable"
     history = []
     for _ in range(rng.randint(0 if unanswerable else 1, turns - 1)):
-        q = rng.choice(worlds).question(rng, rng.choice(hops_choices))
+        if rng.random() < 0.2:
+            q = unanswerable_question(rng, worlds[0], worlds[0], 1, split, foreign_share=1.0)
+        else:
+            q = rng.choice(worlds).question(rng, rng.choice(hops_choices))
         history += [{"role": "user", "content": q["question"]}, {"role": "assistant", "content": q["answers"][0], "trained": False}]
     example["messages"] = history + example["messages"]
     if not unanswerable:
@@ -385,7 +390,7 @@ class WorldQA(_WorldQATask):
             example = _conversation(self.world.question(rng, self.hops))
         if self.turns > 1:
             rng = random.Random(f"history-{self.seed}-{self.hops}-{index}")
-            example = with_history(example, rng, [self.world, self.unanswerable or self.world], self.turns)
+            example = with_history(example, rng, [self.world, self.unanswerable or self.world], self.turns, "heldout")
         return example
 
 
@@ -413,7 +418,7 @@ class WorldStream(_WorldQATask):
         if self.turns > 1:
             rng = random.Random(f"stream-history-{self.seed}-{index}")
             other = mini_world(rng, "train", self.rigid)
-            example = with_history(example, rng, [world, other], self.turns)
+            example = with_history(example, rng, [world, other], self.turns, "train")
         return example
 
 

@@ -40,7 +40,8 @@ def build_task(name, args, split, seed=None, context_len=512):
     if kind:
         # worldN: level N of the knowledge world; turnsN: its questions as the 2nd or 3rd turn of a chat;
         # abstainN: questions about entities the KB lacks, answered "The documents do not say.", alone or
-        # as the 2nd/3rd turn of a chat, half of them naming something of another shape than the world's names;
+        # as the 2nd/3rd turn of a chat, half of them naming something of another shape than the world's names,
+        # at single-hop levels half with the documents shown and half searched by the model;
         # searchN: single-hop levels answered by the model's own search (a chat's retrieval mode auto);
         # chatN: both, a follow-up the model searches for (what the web UI's default mode asks)
         level = int(name[len(kind):])
@@ -49,8 +50,14 @@ def build_task(name, args, split, seed=None, context_len=512):
         options = dict(turns=3 if kind in ("turns", "chat", "abstain") else 1, unanswerable=kind == "abstain",
                        search=kind in ("search", "chat"), retriever=args.retriever)
         if split == "train":
-            return world_task(level, "train", num_examples=args.stream_examples, seed=args.seed if seed is None else seed, **options)
-        return world_task(level, "heldout", num_examples=args.eval_examples, **options)
+            make = lambda **o: world_task(level, "train", num_examples=args.stream_examples, seed=args.seed if seed is None else seed, **o)
+        else:
+            make = lambda **o: world_task(level, "heldout", num_examples=args.eval_examples, **o)
+        if kind == "abstain" and LEVELS[level][0] == 1:
+            # a chat's default mode searches: "who wrote Hamlet?" is searched, found missing, abstained
+            mix_seed = (args.seed if seed is None else seed) if split == "train" else 0   # held out: the same questions every run
+            return TaskMixture([make(**options), make(**dict(options, search=True))], [1, 1], seed=mix_seed)
+        return make(**options)
     if name in ("read1", "read2", "read3", "entries"):
         # entries: level-3 drills of long multi-field entries only (2-3 entries of one shape, key and headword to match)
         from tasks.reading import reading_task

@@ -162,6 +162,9 @@ def test_conversations_and_unanswerable_questions(tokenizer):
                 assert missing in ex["messages"][-2]["content"] and not any(missing in d["text"] for d in shown)
             # alone or after earlier turns; half name something of another shape ("Showed Feed", not "Balun")
             assert 3 <= with_earlier <= 19 and 4 <= foreign <= 16, (with_earlier, foreign)
+        # earlier turns sometimes asked about something the KB lacks, and were abstained
+        histories = [m["content"] for i in range(20) for m in turns[i]["messages"][:-2] if m["role"] == "assistant"]
+        assert 1 <= histories.count(ABSTAIN) <= len(histories) // 2, histories
         # single-hop, answered by the model's own search (a chat's retrieval mode auto)
         task = world_task(2, split, num_examples=5, search=True)
         for i in range(5):
@@ -170,3 +173,23 @@ def test_conversations_and_unanswerable_questions(tokenizer):
             assert not any(m["role"] == "retrieval" for m in task[i]["messages"])
     assert abstained("the documents do not say") and not abstained("Paris")
     assert error_class(ABSTAIN, False, ["d"], ["d"]) == "abstained"
+
+
+def test_single_hop_abstention_is_shown_or_searched(monkeypatch):
+    # abstain2: half the questions come with documents, half the model searches (a chat's default mode);
+    # chat_eval scores each with the task it came from
+    from types import SimpleNamespace
+    from nanochat import rollout
+    from nanochat.rag import ABSTAIN
+    from tasks.sft_data import build_task
+    args = SimpleNamespace(retriever="bm25", stream_examples=1000, eval_examples=40, seed=3)
+    for split in ("train", "heldout"):
+        task = build_task("abstain2", args, split)
+        modes = [isinstance(task[i]["messages"][-1]["content"], list) for i in range(40)]
+        assert 12 <= sum(modes) <= 28 and all(task[i]["answers"] == [ABSTAIN] for i in range(40))
+    seen = []
+    monkeypatch.setattr(rollout, "rollouts", lambda model, tok, tasks, examples, *a, **k: seen.extend(tasks) or [])
+    monkeypatch.setattr(rollout, "prompt_budget", lambda *a: 0)
+    model = SimpleNamespace(training=False, eval=lambda: None)
+    rollout.evaluate_task(model, None, task, 40, batch_size=8)
+    assert seen == [task.task_at(i) for i in range(40)] and len(set(map(id, seen))) == 2
