@@ -163,12 +163,12 @@ if [[ "$BLOCK_PATTERN" =~ ^T+$ ]]; then TAG="d$DEPTH"; else TAG="d${DEPTH}_$BLOC
 # one-document copying at 70% (it plateaus there: common-word answers) instead of 90%; the question
 # goes before and after its documents (JRT; `after` measured the same). docs/mamba.md has the runs.
 # Some bases plateau under a gate (two fresh pure-M runs sat in world2 for 650 steps and never met
-# 2-hop search; a fresh TTTT base, SEED=2, sat at ~65% batch EM in world1 for 225 steps): a stage
-# moves on after a quarter of SFT's steps (a third for pure M) whatever its EM
+# 2-hop search; a fresh TTTT base, SEED=2, sat at ~65% batch EM in world1 for 225 steps): each of
+# the four stages moves on after a quarter of SFT's steps whatever its EM (a third left a stalled
+# MMMM run no steps for the last stage)
 SFT_LR_FRAC=1  SFT_MAX_STAGE_STEPS=$(( SFT_ITERS / 4 ))
 if [[ "$BLOCK_PATTERN" =~ ^M+$ ]]; then
     QUERY_POSITION="${QUERY_POSITION:-both}"  MAMBA_INIT="${MAMBA_INIT:-induction}"  SFT_LR_FRAC=0.3  SFT_ADVANCE_EM=0.7
-    SFT_MAX_STAGE_STEPS=$(( SFT_ITERS / 3 ))
 fi
 
 # directories: the run's own, and the shared download cache
