@@ -150,10 +150,9 @@ def save_term_ids(vocab, directory):
     order = np.argsort(hashes, kind="stable")
     hashes, ids = hashes[order], ids[order]
     if len(hashes) > 1 and np.any(hashes[1:] == hashes[:-1]):
-        return False
+        return
     np.save(os.path.join(directory, TERM_HASHES), hashes, allow_pickle=False)
     np.save(os.path.join(directory, TERM_IDS), ids, allow_pickle=False)
-    return True
 
 
 def save_index(bm25, num_docs, directory, best=None):
