@@ -49,14 +49,14 @@ def build_task(name, args, split, seed=None, context_len=512):
             raise ValueError(f"unknown knowledge-world level {name!r}: use {kind}1..{kind}{max(LEVELS)}")
         options = dict(turns=3 if kind in ("turns", "chat", "abstain") else 1, unanswerable=kind == "abstain",
                        search=kind in ("search", "chat"), retriever=args.retriever)
+        stream_seed = (args.seed if seed is None else seed) if split == "train" else 0   # held out: the same questions every run
         if split == "train":
-            make = lambda **o: world_task(level, "train", num_examples=args.stream_examples, seed=args.seed if seed is None else seed, **o)
+            make = lambda **o: world_task(level, "train", num_examples=args.stream_examples, seed=stream_seed, **o)
         else:
             make = lambda **o: world_task(level, "heldout", num_examples=args.eval_examples, **o)
         if kind == "abstain" and LEVELS[level][0] == 1:
             # a chat's default mode searches: "who wrote Hamlet?" is searched, found missing, abstained
-            mix_seed = (args.seed if seed is None else seed) if split == "train" else 0   # held out: the same questions every run
-            return TaskMixture([make(**options), make(**dict(options, search=True))], [1, 1], seed=mix_seed)
+            return TaskMixture([make(**options), make(**dict(options, search=True))], [1, 1], seed=stream_seed)
         return make(**options)
     if name in ("read1", "read2", "read3", "entries"):
         # entries: level-3 drills of long multi-field entries only (2-3 entries of one shape, key and headword to match)
