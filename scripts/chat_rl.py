@@ -56,8 +56,10 @@ parser.add_argument("--keep-best", action=argparse.BooleanOptionalAction, defaul
                          "RL must beat the start to replace it), so RL never leaves a model worse than it found it; "
                          "--no-keep-best saves the last step")
 parser.add_argument("--eval-examples", type=int, default=60, help="held-out examples per evaluation")
-parser.add_argument("--eval-mixture", default="world2,world3",
-                    help="comma list of held-out tasks, each evaluated on its own (names as in --curriculum; a :weight is checked, not used)")
+parser.add_argument("--eval-mixture", default="world2,world3,turns3,abstain3",
+                    help="comma list of held-out tasks, each evaluated on its own (names as in --curriculum; a :weight is checked, "
+                         "not used); the default guards follow-ups and 'not in the documents' too, which reward on "
+                         "answering alone can erode")
 parser.add_argument("--device-type", default="", help="cuda | mps | cpu (default: autodetect)")
 parser.add_argument("--run", default="dummy", help="wandb run name ('dummy' disables wandb)")
 args = parser.parse_args()
