@@ -167,13 +167,14 @@ class World:
         """The KB: one {"id", "title", "text"} per entity (countries have no article)."""
         return [{"id": e["name"], "title": e["name"], "text": e["text"]} for e in self.entities.values() if e["kind"] in ARTICLES]
 
-    def question(self, rng, hops=1, rigid=None):
+    def question(self, rng, hops=1, rigid=None, comparison=None):
         """A random question: {"question", "answers", "hops" (gold doc ids, in reading order),
         "queries" (a search a model can write for each hop: the name it has seen), "type"}.
-        hops=1 single-hop, hops=2 a bridge or (one in four) a comparison, hops=3 a chain."""
+        hops=1 single-hop, hops=2 a bridge or (one in four) a comparison, hops=3 a chain;
+        comparison=True: always a comparison (two documents whatever hops says)."""
         rigid = self.rigid if rigid is None else rigid
         pick = (lambda options: options[0]) if rigid else rng.choice
-        if hops == 2 and rng.random() < 0.25:
+        if comparison or (hops == 2 and rng.random() < 0.25):
             kind = rng.choice(list(COMPARISONS))
             for _ in range(10):   # two entities of one kind with different years (almost always the first try)
                 a, b = rng.sample(self.by_kind[kind], 2)
@@ -373,11 +374,12 @@ class WorldQA(_WorldQATask):
     """Questions about one fixed world (its KB is world.documents()): training world for
     RAG over a fixed KB, held-out world for evaluation."""
 
-    def __init__(self, world, hops=1, num_examples=1000, seed=0, turns=1, unanswerable=None, **kwargs):
+    def __init__(self, world, hops=1, num_examples=1000, seed=0, turns=1, unanswerable=None, comparisons=False, **kwargs):
         super().__init__(**kwargs)
         self.world, self.hops, self.n, self.seed = world, hops, num_examples, seed
         self.turns = turns                 # > 1: conversations of 2..turns questions, this one last (with_history)
         self.unanswerable = unanswerable   # another world: questions about its entities, which this KB lacks
+        self.comparisons = comparisons     # only comparisons ("Which was founded first, A or B?")
 
     def num_examples(self):
         return self.n
@@ -387,7 +389,7 @@ class WorldQA(_WorldQATask):
         if self.unanswerable is not None:
             example = _conversation(unanswerable_question(rng, self.world, self.unanswerable, self.hops, "heldout"))
         else:
-            example = _conversation(self.world.question(rng, self.hops))
+            example = _conversation(self.world.question(rng, self.hops, comparison=self.comparisons or None))
         if self.turns > 1:
             rng = random.Random(f"history-{self.seed}-{self.hops}-{index}")
             example = with_history(example, rng, [self.world, self.unanswerable or self.world], self.turns, "heldout")
@@ -399,10 +401,11 @@ class WorldStream(_WorldQATask):
     articles travel with it as example["kb"] (retrieve from them, e.g. RAGTask(.., "bm25")).
     Deterministic per (seed, index); names always come from the training pool."""
 
-    def __init__(self, hops=1, rigid=False, num_examples=100_000, seed=0, turns=1, unanswerable=False, **kwargs):
+    def __init__(self, hops=1, rigid=False, num_examples=100_000, seed=0, turns=1, unanswerable=False, comparisons=False, **kwargs):
         super().__init__(**kwargs)
         self.hops, self.rigid, self.n, self.seed = hops, rigid, num_examples, seed
         self.turns, self.unanswerable = turns, unanswerable   # as in WorldQA; unanswerable: about another mini-world
+        self.comparisons = comparisons
 
     def num_examples(self):
         return self.n
@@ -414,7 +417,7 @@ class WorldStream(_WorldQATask):
             other = mini_world(random.Random(f"stream-other-{self.seed}-{index}"), "train", self.rigid)
             example = _conversation(unanswerable_question(rng, world, other, self.hops, "train"), kb=world.documents())
         else:
-            example = _conversation(world.question(rng, self.hops), kb=world.documents())
+            example = _conversation(world.question(rng, self.hops, comparison=self.comparisons or None), kb=world.documents())
         if self.turns > 1:
             rng = random.Random(f"stream-history-{self.seed}-{index}")
             other = mini_world(rng, "train", self.rigid)

@@ -291,7 +291,7 @@ LEVELS = {           # level: (hops, documents per retrieval)
 
 
 def world_task(level, split="train", rigid=False, num_examples=None, seed=0, retriever="bm25", shuffle=False,
-               turns=1, unanswerable=False, search=False):
+               turns=1, unanswerable=False, search=False, comparisons=False):
     """The knowledge world at one curriculum level. split="train": fresh mini-worlds, each
     searched through its own in-memory retriever (default 100k examples). split="heldout":
     questions about the fixed held-out world, searched over its whole KB (default 500).
@@ -299,16 +299,18 @@ def world_task(level, split="train", rigid=False, num_examples=None, seed=0, ret
     turns > 1: each question is the last of a conversation of 2..turns (earlier ones as history);
     unanswerable: questions about entities the KB lacks, answered ABSTAIN (one hop: the search
     for the missing entity). search: single-hop levels too are answered by searching (as a chat
-    in retrieval mode auto does) instead of reading documents retrieved for the question."""
+    in retrieval mode auto does) instead of reading documents retrieved for the question.
+    comparisons: only comparison questions (at a single-hop level, both documents shown at once)."""
     from tasks.knowledge_world import WorldStream, WorldQA, heldout_world
     assert level in LEVELS, f"level must be one of {sorted(LEVELS)}, got {level}"
     hops, top_k = LEVELS[level]
     if split == "train":
-        base, retrieve = WorldStream(hops, rigid, num_examples or 100_000, seed, turns, unanswerable), retriever
+        base, retrieve = WorldStream(hops, rigid, num_examples or 100_000, seed, turns, unanswerable, comparisons), retriever
     elif split == "heldout":
         world = heldout_world(seed, rigid)
         # unanswerable questions ask about another held-out world's entities (names never trained on either)
-        base = WorldQA(world, hops, num_examples or 500, seed, turns, heldout_world(seed + 1, rigid) if unanswerable else None)
+        base = WorldQA(world, hops, num_examples or 500, seed, turns, heldout_world(seed + 1, rigid) if unanswerable else None,
+                       comparisons)
         retrieve = make_retriever(retriever, [Document(d["id"], d["title"], d["text"]) for d in world.documents()])
     else:
         raise ValueError(f"split must be train or heldout, got {split!r}")

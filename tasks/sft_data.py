@@ -36,19 +36,22 @@ def build_task(name, args, split, seed=None, context_len=512):
     default args.seed); 'heldout' is for evaluation. context_len: the model's, which the long
     entries of reading drills are sized for."""
     from tasks.rag import world_task, RAGTask, MultiHopRAGTask, LEVELS
-    kind = next((k for k in ("world", "turns", "abstain", "search", "chat") if name.startswith(k) and name[len(k):].isdigit()), None)
+    kind = next((k for k in ("world", "turns", "abstain", "search", "chat", "compare") if name.startswith(k) and name[len(k):].isdigit()), None)
     if kind:
         # worldN: level N of the knowledge world; turnsN: its questions as the 2nd or 3rd turn of a chat;
         # abstainN: questions about entities the KB lacks, answered "The documents do not say.", alone or
         # as the 2nd/3rd turn of a chat, half of them naming something of another shape than the world's names,
         # at single-hop levels half with the documents shown and half searched by the model;
         # searchN: single-hop levels answered by the model's own search (a chat's retrieval mode auto);
-        # chatN: both, a follow-up the model searches for (what the web UI's default mode asks)
+        # chatN: both, a follow-up the model searches for (what the web UI's default mode asks);
+        # compare2/compare3: only comparisons ("Which was founded first, A or B?"), both documents shown / searched
+        # (a quarter of world3 is comparisons, and a small model answers them by position, not by the years)
         level = int(name[len(kind):])
-        if level not in LEVELS:
-            raise ValueError(f"unknown knowledge-world level {name!r}: use {kind}1..{kind}{max(LEVELS)}")
+        levels = (2, 3) if kind == "compare" else LEVELS
+        if level not in levels:
+            raise ValueError(f"unknown knowledge-world level {name!r}: use {kind}{min(levels)}..{kind}{max(levels)}")
         options = dict(turns=3 if kind in ("turns", "chat", "abstain") else 1, unanswerable=kind == "abstain",
-                       search=kind in ("search", "chat"), retriever=args.retriever)
+                       search=kind in ("search", "chat"), retriever=args.retriever, comparisons=kind == "compare")
         stream_seed = (args.seed if seed is None else seed) if split == "train" else 0   # held out: the same questions every run
         if split == "train":
             make = lambda **o: world_task(level, "train", num_examples=args.stream_examples, seed=stream_seed, **o)
@@ -95,7 +98,7 @@ def build_task(name, args, split, seed=None, context_len=512):
     if name == "hotpotqa":
         from tasks.hotpotqa import HotpotQA
         return MultiHopRAGTask(HotpotQA(split="train" if train else "validation"), args.retriever, args.top_k)
-    raise ValueError(f"unknown task {name!r} in --mixture (world1..world4, turns1..turns4, abstain1..abstain4, search1..search4, chat1..chat4, read1..read3, "
+    raise ValueError(f"unknown task {name!r} in --mixture (world1..world4, turns1..turns4, abstain1..abstain4, search1..search4, chat1..chat4, compare2..compare3, read1..read3, "
                      "entries, recall, qa, smoltalk, gsm8k, arc, mmlu, hotpotqa)")
 
 

@@ -193,3 +193,24 @@ def test_single_hop_abstention_is_shown_or_searched(monkeypatch):
     model = SimpleNamespace(training=False, eval=lambda: None)
     rollout.evaluate_task(model, None, task, 40, batch_size=8)
     assert seen == [task.task_at(i) for i in range(40)] and len(set(map(id, seen))) == 2
+
+
+def test_comparison_tasks_ask_only_comparisons_answered_by_the_years():
+    from tasks.rag import world_task
+    stream = WorldStream(hops=1, num_examples=300, comparisons=True)
+    first_named = 0
+    for i in range(300):
+        ex = stream[i]
+        assert ex["type"] == "comparison"
+        a, b = ex["hops"]
+        years = {e["id"]: int(re.search(r"\b1[789]\d\d|20[0-3]\d\b", e["text"]).group()) for e in ex["kb"] if e["id"] in (a, b)}
+        assert ex["answers"] == [min((a, b), key=years.get)] and years[a] != years[b]
+        first_named += ex["answers"][0] == a
+    assert 100 < first_named < 200   # no position shortcut: the earlier one is named first about half the time
+    shown = world_task(2, "heldout", num_examples=20, comparisons=True)
+    for i in range(20):
+        ex = shown[i]
+        assert ex["messages"][0]["role"] == "retrieval" and ex["type"] == "comparison"
+        assert set(ex["hops"]) <= {d["id"] for d in ex["messages"][0]["documents"]}   # both entities' documents shown
+    searched = world_task(3, "heldout", num_examples=5, comparisons=True)
+    assert all(searched[i]["type"] == "comparison" for i in range(5))
