@@ -315,17 +315,19 @@ evaluate() {
 
 # Zero-shot reading of real documents: KBs and questions made from text on this machine
 # (kb_tools.machine_qa: HTTP status codes, errno, ISO country and currency codes, /etc/services,
-# man pages; none of it is ever training text), the RL model with and without retrieval.
+# man pages; none of it is ever training text), the RL model reading BM25's documents, and with its
+# answers copied from them (chat_eval --copy-answers: values whole, not garbled). Without documents it
+# scored 0-1% on every set in every run (runs up to cpu_r32), so that control is no longer run.
 transfer() {
     local dir="$RUN_DIR/transfer" qa name
     "$PY" -m kb_tools.machine_qa --out "$dir/data" --max-questions "$1"
     for qa in "$dir"/data/*_qa.jsonl; do
         name=$(basename "$qa" _qa.jsonl)
         "$PY" -m kb_tools.build_kb --input "$dir/data/${name}_kb.jsonl" --out "$dir/kb_$name" --retrievers bm25 --no-progress
-        "$PY" -m scripts.chat_eval --source rl --model-tag "$TAG" --block-pattern "$BLOCK_PATTERN" --qa "$qa" \
-            --kb "$dir/kb_$name" --num-examples "$1" --max-new-tokens 32 --show 0 --json-out "$dir/$name.json"
-        "$PY" -m scripts.chat_eval --source rl --model-tag "$TAG" --block-pattern "$BLOCK_PATTERN" --qa "$qa" \
-            --no-retrieval --num-examples "$1" --max-new-tokens 32 --show 0 --json-out "$dir/${name}_noretrieval.json"
+        for copy in "" --copy-answers; do
+            "$PY" -m scripts.chat_eval --source rl --model-tag "$TAG" --block-pattern "$BLOCK_PATTERN" --qa "$qa" \
+                --kb "$dir/kb_$name" --num-examples "$1" --max-new-tokens 32 --show 0 $copy --json-out "$dir/$name${copy:+_copied}.json"
+        done
     done
     # long multi-field entries (installed Debian packages, Python distributions' metadata; where the machine
     # has them), read from BM25's top 1 and top 3: more documents must not make the answers worse
@@ -334,10 +336,11 @@ transfer() {
         [ -e "$qa" ] || continue
         name=$(basename "$qa" _qa.jsonl)
         "$PY" -m kb_tools.build_kb --input "$dir/long/data/${name}_kb.jsonl" --out "$dir/long/kb_$name" --retrievers bm25 --no-progress
-        for k in 1 3; do
+        for k in 1 3; do for copy in "" --copy-answers; do
             "$PY" -m scripts.chat_eval --source rl --model-tag "$TAG" --block-pattern "$BLOCK_PATTERN" --qa "$qa" \
-                --kb "$dir/long/kb_$name" --top-k $k --num-examples "$1" --max-new-tokens 32 --show 0 --json-out "$dir/long/${name}_top$k.json"
-        done
+                --kb "$dir/long/kb_$name" --top-k $k --num-examples "$1" --max-new-tokens 32 --show 0 $copy \
+                --json-out "$dir/long/${name}_top$k${copy:+_copied}.json"
+        done; done
     done
 }
 

@@ -35,15 +35,16 @@ def build_conversation(messages, mode, retriever, top_k):
 
 
 def respond(model, tokenizer, messages, mode="auto", retriever=None, top_k=3, temperature=0.0,
-            top_k_sampling=None, max_tokens=256, seed=42, max_searches=4):
-    """Generate one assistant turn; yields the events described at the top of this file."""
+            top_k_sampling=None, max_tokens=256, seed=42, max_searches=4, copy_answers=False):
+    """Generate one assistant turn; yields the events described at the top of this file.
+    copy_answers: the answer is copied from the documents shown (Engine), when there are any."""
     request = {"messages": messages, "mode": mode, "top_k": top_k, "temperature": temperature,
                "top_k_sampling": top_k_sampling, "max_tokens": max_tokens, "seed": seed}
-    for _, event in respond_batch(model, tokenizer, [request], retriever, max_searches):
+    for _, event in respond_batch(model, tokenizer, [request], retriever, max_searches, copy_answers=copy_answers):
         yield event
 
 
-def respond_batch(model, tokenizer, requests, retriever=None, max_searches=4, stopped=lambda i: False):
+def respond_batch(model, tokenizer, requests, retriever=None, max_searches=4, stopped=lambda i: False, copy_answers=False):
     """Answer several conversations at once, in one Engine run (chat_web batches the requests that
     arrive together). requests: dicts with respond()'s arguments (messages, mode, top_k, temperature,
     top_k_sampling, max_tokens, seed). Yields (request index, event); each request's events are
@@ -68,7 +69,7 @@ def respond_batch(model, tokenizer, requests, retriever=None, max_searches=4, st
         yield from _respond_ensemble(model, tokenizer, requests, ensembles, streams, stopped)
     if not prompts:
         return
-    engine = Engine(model, tokenizer, max_searches=max_searches)
+    engine = Engine(model, tokenizer, max_searches=max_searches, copy_answers=copy_answers)
     each = lambda key: [requests[i][key] for i, _ in prompts]   # one setting, per request
     rows = None
     for _, _, rows in engine.generate([p for _, p in prompts], 1, max_tokens=each("max_tokens"),

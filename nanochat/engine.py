@@ -12,6 +12,12 @@ step for every row, plus one ragged forward for all rows that received an inject
 Injected tokens get mask 0 (the model did not choose them: never trained on in RL) and draw on
 their own budget, not on max_tokens. The model can never sample a token that only tools may write
 (document and tool-output markers).
+
+copy_answers=True: the answer is copied, not written. Each answer token must keep the answer text
+a piece of the documents the row was shown (its prompt's and its searches') or of ABSTAIN, so a
+value is copied whole instead of garbled; a row that was shown no documents answers freely, and
+searches, tools and stopping stay the model's choice. Off in RL: its policy gradient scores the
+model's own distribution.
 """
 import ast
 import operator
@@ -20,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nanochat.gpt import InferenceCache
+from nanochat.rag import ABSTAIN
 
 # ---- calculator -------------------------------------------------------------------------------
 _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
@@ -96,14 +103,18 @@ class RowState:
     num_docs_shown: int = 0
     injected_tokens: int = 0
     completed: bool = False
+    sources: list = field(default_factory=list)   # copy_answers: bytes of the documents shown so far
+    scanned: int = 0                              # how much of tokens was searched for documents
 
 
 ANSWER_ROOM = 32   # context kept free after injected documents: the next search or the answer
 
 
 class Engine:
-    def __init__(self, model, tokenizer, retriever=None, search_top_k=3, max_searches=4, max_injected_tokens=2048):
+    def __init__(self, model, tokenizer, retriever=None, search_top_k=3, max_searches=4, max_injected_tokens=2048,
+                 copy_answers=False):
         self.model, self.tokenizer, self.retriever = model, tokenizer, retriever
+        self.copy_answers = copy_answers
         self.search_top_k, self.max_searches, self.max_injected_tokens = search_top_k, max_searches, max_injected_tokens
         # search results get what is left of the model's context after ANSWER_ROOM tokens for what it writes next
         config = getattr(model, "config", None)
@@ -113,6 +124,50 @@ class Engine:
         self.banned = [S[t] for t in ("<|doc_start|>", "<|doc_end|>", "<|output_start|>", "<|output_end|>")]
         self.stop_tokens = {S["<|assistant_end|>"], S["<|bos|>"]}
         self.special_ids = set(S.values())
+        if copy_answers:
+            enc = tokenizer.enc
+            self.piece = [b"" if i in self.special_ids else enc.decode_single_token_bytes(i) for i in range(tokenizer.get_vocab_size())]
+            self.piece_id = {b: i for i, b in enumerate(self.piece) if b}
+            self.longest_piece = max(len(b) for b in self.piece)
+            self.abstain = ABSTAIN.encode()
+            self.text_prefix = tokenizer.text_prefix.encode()
+
+    def _copyable(self, row):
+        """copy_answers: the ids of the word pieces that keep the row's answer a piece of the documents
+        it was shown (or of ABSTAIN), or None when it was shown none (the answer is free)."""
+        start, end = self.S["<|doc_start|>"], self.S["<|doc_end|>"]
+        while True:   # documents that arrived since the last call: prompt blocks, then injected ones
+            try:
+                a = row.tokens.index(start, row.scanned)
+                b = row.tokens.index(end, a)
+            except ValueError:
+                break
+            row.sources.append(b"".join(self.piece[t] for t in row.tokens[a + 1:b]))
+            row.scanned = b + 1
+        if not row.sources:
+            return None
+        # an answer opens with the text prefix (a space) whatever precedes the value in the document
+        # (a tab, a bracket, a line start): the prefix is matched as any separator
+        prefix = self.text_prefix
+        answer = b"".join(self.piece[t] for t in row.pending)
+        opened = answer.startswith(prefix) if prefix else True
+        if opened:
+            answer = answer[len(prefix):]
+        elif answer:
+            opened = True   # no prefix written: the answer began at its first word piece
+        allowed = set() if opened or prefix not in self.piece_id else {self.piece_id[prefix]}
+        for src in row.sources + [self.abstain]:
+            at = src.find(answer)
+            while at != -1:
+                after = at + len(answer)
+                for n in range(1, min(self.longest_piece, len(src) - after) + 1):
+                    piece = src[after:after + n]
+                    for candidate in ((piece,) if opened or not prefix else (piece, prefix + piece)):
+                        tid = self.piece_id.get(candidate)
+                        if tid is not None:
+                            allowed.add(tid)
+                at = src.find(answer, at + 1)
+        return allowed
 
     def _flush_text(self, row):
         if row.pending:
@@ -253,6 +308,7 @@ class Engine:
         not_tokens[self.banned] = True
         not_tokens[self.tokenizer.get_vocab_size():] = True   # padding rows of the embedding are not tokens
         live = list(range(B))   # cache row j holds rows[live[j]]; finished rows are dropped in batches
+        copy_keep = torch.tensor(sorted(self.special_ids), dtype=torch.long, device=device)
         steps = max(max_tokens)
         for step in range(steps):
             if all(rows[i].completed for i in live):
@@ -261,6 +317,17 @@ class Engine:
             capped = [j for j, i in enumerate(live) if rows[i].num_searches >= self.max_searches]
             if capped:   # out of searches: the row must answer with what it has (no loop of empty searches)
                 logits[capped, self.S["<|search_start|>"]] = float("-inf")
+            if self.copy_answers:
+                for j, i in enumerate(live):
+                    row = rows[i]
+                    allowed = None if row.completed or row.mode != "text" else self._copyable(row)
+                    if allowed is not None:
+                        keep = logits[j, copy_keep].clone()   # special tokens stay the model's choice
+                        pieces = torch.tensor(sorted(allowed), dtype=torch.long, device=device)
+                        kept = logits[j, pieces].clone()
+                        logits[j] = float("-inf")
+                        logits[j, copy_keep] = keep
+                        logits[j, pieces] = kept
             if per_prompt:
                 sampled_t = self._sample_per_prompt(logits, [rows[i] for i in live], generators, temperature, top_k)
             else:

@@ -70,12 +70,13 @@ def ensemble_rows(model, tokenizer, conversations, max_tokens=64, weighting="sco
 
 @torch.no_grad()
 def rollouts(model, tokenizer, tasks, examples, num_samples=1, temperature=0.0, top_k=None, max_tokens=64,
-             seed=0, max_searches=4, retrieval=True, keep_stop=False, ensemble=None):
+             seed=0, max_searches=4, retrieval=True, keep_stop=False, ensemble=None, copy_answers=False):
     """Generate num_samples completions for each example (examples[j] from tasks[j]), all in one
     Engine run. Returns one (prompt_ids, samples) per example, where each sample is a dict: row
     (RowState: tokens, mask, parts), reward, em, f1, searches, valid_searches, gold_recall, length
     (sampled tokens), answer. ensemble: {"weighting": "score"|"uniform", "temperature": t} decodes each
-    RAG example greedily as a mixture over its documents (ensemble_rows) instead of reading them together."""
+    RAG example greedily as a mixture over its documents (ensemble_rows) instead of reading them together.
+    copy_answers: answers are copied from the documents shown (Engine)."""
     conversations = [ex if retrieval else without_retrieval(ex) for ex in examples]
     retrievers = [task.retriever_for(ex) if (retrieval and hasattr(task, "retriever_for")) else None
                   for task, ex in zip(tasks, examples)]
@@ -84,7 +85,7 @@ def rollouts(model, tokenizer, tasks, examples, num_samples=1, temperature=0.0, 
         rows = ensemble_rows(model, tokenizer, conversations, max_tokens, **ensemble)
         prompts = [row.tokens[:len(row.mask) - sum(row.mask)] for row in rows]
     else:
-        engine = Engine(model, tokenizer, max_searches=max_searches)
+        engine = Engine(model, tokenizer, max_searches=max_searches, copy_answers=copy_answers)
         prompts = [tokenizer.render_for_completion(c, max_tokens=prompt_budget(model, max_tokens)) for c in conversations]
         rows = engine.generate_batch(prompts, num_samples, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
                                      seed=seed, keep_stop=keep_stop, retrievers=retrievers,
@@ -131,7 +132,7 @@ def rollout(model, tokenizer, task, example, num_samples=1, temperature=0.0, top
 
 
 def evaluate_task(model, tokenizer, task, num_examples, max_tokens=64, retrieval=True, max_searches=4, start=0,
-                  batch_size=32, ensemble=None):
+                  batch_size=32, ensemble=None, copy_answers=False):
     """Greedy decoding on the first num_examples examples, batch_size questions generated
     together; mean of each metric."""
     keys = ("em", "f1", "abstained", "searches", "valid_searches", "gold_recall", "length")
@@ -149,7 +150,7 @@ def evaluate_task(model, tokenizer, task, num_examples, max_tokens=64, retrieval
         # a mixture's example is scored and searched by the task it came from
         tasks = [task.task_at(i) for i in indices] if hasattr(task, "task_at") else [task] * len(examples)
         results = rollouts(model, tokenizer, tasks, examples, 1, 0.0, None, max_tokens, 0,
-                           max_searches, retrieval, ensemble=ensemble)
+                           max_searches, retrieval, ensemble=ensemble, copy_answers=copy_answers)
         for example, (_, (s,)) in zip(examples, results):
             for k in keys:
                 if s[k] == s[k]:   # skip NaN (no gold documents)

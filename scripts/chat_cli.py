@@ -35,6 +35,8 @@ parser.add_argument("-p", "--prompt", default=None, help="ask one question, prin
 parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
 parser.add_argument("--top-k-sampling", type=int, default=50, help="sample among the k most likely tokens")
 parser.add_argument("--max-tokens", type=int, default=None, help="most tokens per answer (default: 256, or less if the model is short)")
+parser.add_argument("--copy-answers", action="store_true",
+                    help="copy answers from the documents shown: values come out whole, never invented (chat_eval measures it)")
 parser.add_argument("--seed", type=int, default=42, help="sampling seed (each turn adds its index)")
 parser.add_argument("--device-type", default="", help="cuda | mps | cpu (default: autodetect)")
 args = parser.parse_args()
@@ -85,7 +87,7 @@ def answer(messages, seed):
     line_open = False   # something is printed on the current line: a search goes on a new one
     try:
         for event in respond(model, tokenizer, messages, mode, retriever, args.top_k, args.temperature,
-                             args.top_k_sampling, args.max_tokens, seed):
+                             args.top_k_sampling, args.max_tokens, seed, copy_answers=args.copy_answers):
             if event["type"] == "search":
                 if line_open:
                     show("")

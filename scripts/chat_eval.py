@@ -34,6 +34,9 @@ parser.add_argument("--ensemble", action="store_true",
 parser.add_argument("--ensemble-weights", default="score", choices=["score", "uniform"], help="--ensemble: lambda by retrieval score or uniform")
 parser.add_argument("--ensemble-temperature", type=float, default=0.1,
                     help="--ensemble: softmax temperature over retrieval scores (0.1 suits dense cosines; BM25 scores need more)")
+parser.add_argument("--copy-answers", action="store_true",
+                    help="copy each answer from the documents shown: every answer token must keep it a piece of them "
+                         "(or of the abstention phrase), so values come out whole instead of garbled (Engine copy_answers)")
 parser.add_argument("--random-documents", action="store_true",
                     help="control: replace each question's retrieved documents with as many random documents of the KB")
 parser.add_argument("--max-searches", type=int, default=4, help="searches allowed per answer")
@@ -52,6 +55,8 @@ if args.top_k <= 0 or args.num_examples <= 0:
     die("--top-k and --num-examples must be positive")
 if args.ensemble_temperature <= 0:
     die(f"--ensemble-temperature must be positive, got {args.ensemble_temperature}")
+if args.copy_answers and args.ensemble:
+    die("--copy-answers reads the documents together: not with --ensemble")
 if (args.ensemble or args.random_documents) and (args.no_retrieval or args.multihop):
     die("--ensemble and --random-documents work on retrieved documents: not with --no-retrieval or --multihop")
 args.eval_examples = args.num_examples
@@ -103,13 +108,16 @@ if args.ensemble:
     mode = f"ensemble over documents ({args.ensemble_weights} weights)"
 if args.random_documents:
     mode += ", random documents"
+if args.copy_answers:
+    mode += ", answers copied from the documents"
 ensemble = {"weighting": args.ensemble_weights, "temperature": args.ensemble_temperature} if args.ensemble else None
 if task.eval_type == "categorical":
     metrics, records = categorical_accuracy(task, args.num_examples), []
     print0(f"{name}: accuracy {metrics['accuracy']:.3f} over {metrics['n']} questions")
 else:
     metrics, records = evaluate_task(model, tokenizer, task, args.num_examples, args.max_new_tokens,
-                                     retrieval=not args.no_retrieval, max_searches=args.max_searches, ensemble=ensemble)
+                                     retrieval=not args.no_retrieval, max_searches=args.max_searches, ensemble=ensemble,
+                                     copy_answers=args.copy_answers)
     print0(f"{name} ({mode}): EM {metrics['em']:.3f} | F1 {metrics['f1']:.3f} | gold-doc recall {metrics['gold_recall']:.3f} "
            f"| searches/question {metrics['searches']:.2f} | abstained {metrics['abstained']:.3f} | over {metrics['n']} questions")
     types = sorted({r["type"] for r in records if r["type"]})

@@ -9,6 +9,7 @@ and sample conversations. Everything comes from files the stages already wrote:
     chatrl_checkpoints/<tag>/metrics.jsonl     reward / EM per RL step, held-out EM
     kb/retrieval_*.json                        kb_tools.eval_retrieval --json
     eval/<sft|rl>_<task>[_noretrieval].json    chat_eval --json-out
+    transfer/<set>[_copied].json, transfer/long/<set>_top<k>[_copied].json   the same, real-text sets
 
     python -m scripts.report --run-dir runs/cpu_d4 --model-tag d4
 
@@ -259,20 +260,24 @@ if any(v is not None for v in chat.values()):
 
 
 def transfer_results():
-    """(name, with retrieval, without) per real-text QA set of the transfer stage."""
+    """(name, documents read, answers copied from them) per real-text QA set of the transfer stage."""
     folder = os.path.join(run_dir, "transfer")
-    names = sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".json") and not f.endswith("_noretrieval.json")) \
+    names = sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".json") and not f.endswith(("_noretrieval.json", "_copied.json"))) \
         if os.path.isdir(folder) else []
-    return [(n, read_json("transfer", f"{n}.json"), read_json("transfer", f"{n}_noretrieval.json")) for n in names]
+    return [(n, read_json("transfer", f"{n}.json"), read_json("transfer", f"{n}_copied.json")) for n in names]
+
+
+def mean_em(results):
+    ems = [r["metrics"]["em"] for r in results if r]
+    return sum(ems) / len(ems) if ems else None
 
 
 transfer = transfer_results()
 if transfer:
-    em = [(w["metrics"]["em"], o["metrics"]["em"] if o else None) for _, w, o in transfer]
-    mean_with = sum(a for a, _ in em) / len(em)
-    mean_without = sum(b for _, b in em if b is not None) / max(1, sum(b is not None for _, b in em))
-    out(f"- Transfer, real documents never seen (mean of {len(em)} sets made from text on this machine, RL model): "
-        f"EM **{pct(mean_with)}** with retrieval, {pct(mean_without)} without.")
+    copied = [c for _, _, c in transfer]
+    out(f"- Transfer, real documents never seen (mean of {len(transfer)} sets made from text on this machine, RL model, "
+        f"BM25 top 3): EM **{pct(mean_em([w for _, w, _ in transfer]))}**"
+        + (f", **{pct(mean_em(copied))}** with answers copied from the documents." if all(copied) else "."))
 out("")
 out("Held-out means entities whose names never occur in any training text: without documents the model "
     "can only guess, so the gap between the two columns is what reading retrieved documents is worth.")
@@ -427,12 +432,14 @@ if transfer:
     out("Knowledge bases and questions made at run time from text on this machine by `kb_tools.machine_qa` "
         "(never training text), BM25 top 3, the RL model, greedy:")
     out("")
-    out("| set | documents shown: EM | F1 | gold-doc recall | no retrieval: EM | questions |")
+    out("| set | EM | F1 | answers copied: EM | gold-doc recall | questions |")
     out("|---|---|---|---|---|---|")
-    for name, with_r, without_r in transfer:
+    for name, with_r, copied_r in transfer:
         m = with_r["metrics"]
-        out(f"| `{name}` | {pct(m['em'])} | {pct(m['f1'])} | {pct(m.get('gold_recall'))} | "
-            f"{pct(without_r['metrics']['em'] if without_r else None)} | {m['n']} |")
+        out(f"| `{name}` | {pct(m['em'])} | {pct(m['f1'])} | {pct(copied_r['metrics']['em'] if copied_r else None)} | "
+            f"{pct(m.get('gold_recall'))} | {m['n']} |")
+    out("")
+    out("Answers copied: `chat_eval --copy-answers`, every answer token keeps the answer a piece of the documents shown.")
 else:
     out("No transfer results yet (`transfer/*.json`).")
 out("")
@@ -442,10 +449,11 @@ if long_sets:
     out("Long multi-field entries (`kb_tools.machine_qa --sources dpkg,pymeta`: 150-750 tokens each, several values "
         "of one kind per entry), BM25 top 1 and top 3; wrong answers of top 3 by where they came from:")
     out("")
-    out("| set | top 1: EM | top 3: EM | top 3: gold shown | top 3 wrong answers | questions |")
-    out("|---|---|---|---|---|---|")
+    out("| set | top 1: EM | top 3: EM | copied, top 1 / top 3: EM | top 3: gold shown | top 3 wrong answers | questions |")
+    out("|---|---|---|---|---|---|---|")
     for name in long_sets:
         top1, top3 = (read_json("transfer", "long", f"{name}_top{k}.json") for k in (1, 3))
+        copied1, copied3 = (read_json("transfer", "long", f"{name}_top{k}_copied.json") for k in (1, 3))
         if not (top1 and top3):
             continue
         m1, m3 = top1["metrics"], top3["metrics"]
@@ -453,7 +461,9 @@ if long_sets:
         for counts in m3.get("errors", {}).values():
             for why, c in counts.items():
                 errors[why] = errors.get(why, 0) + c
-        out(f"| `{name}` | {pct(m1['em'])} | {pct(m3['em'])} | {pct(m3.get('gold_recall'))} | "
+        out(f"| `{name}` | {pct(m1['em'])} | {pct(m3['em'])} | "
+            f"{pct(copied1['metrics']['em'] if copied1 else None)} / {pct(copied3['metrics']['em'] if copied3 else None)} | "
+            f"{pct(m3.get('gold_recall'))} | "
             f"{', '.join(f'{c} {why}' for why, c in sorted(errors.items(), key=lambda kv: -kv[1]))} | {m3['n']} |")
     out("")
 

@@ -487,3 +487,38 @@ def test_ensemble_mixes_probabilities_not_logits(tokenizer):
         expected = int((lam * probs[0] + (1 - lam) * probs[1]).argmax())
         first = next(iter(engine.generate_ensemble([[a, b]], [[lam, 1 - lam]], max_tokens=1)))
         assert first[0] == ([] if expected in engine.stop_tokens else [expected])
+
+
+def test_copy_answers_keeps_the_answer_a_piece_of_the_documents_shown(tokenizer):
+    from nanochat.rag import ABSTAIN
+    S = tokenizer.special
+    doc = {"id": "d1", "title": "King", "text": "The old king was born in the river city in 1831."}
+    conversation = {"messages": [{"role": "retrieval", "documents": [doc]}, {"role": "user", "content": "When was the king born?"}]}
+    prompt = tokenizer.render_for_completion(conversation)
+    shown = tokenizer.decode(prompt)
+
+    def answer(script, copy_answers, prompt=prompt, retriever=None):
+        model, engine = scripted_engine(tokenizer, script + [S["<|assistant_end|>"]], retriever, copy_answers=copy_answers)
+        return run_scripted(model, engine, prompt, max_tokens=30, temperature=0.0)[0].parts[-1]["text"]
+
+    # a value the documents hold is written as the model chose, with or without copying
+    assert answer(tokenizer.encode_text("river city"), True) == answer(tokenizer.encode_text("river city"), False) == "river city"
+    # a garbled value is written freely, or becomes a piece of the document when copied
+    garbled = tokenizer.encode_text("river cat 1838")
+    assert answer(garbled, False) == "river cat 1838"
+    copied = answer(garbled, True)
+    assert copied != "river cat 1838" and copied.startswith("river c") and (" " + copied) in shown
+    # the space an answer opens with stands for whatever precedes the value in the document (a tab here)
+    tabbed = tokenizer.render_for_completion({"messages": [
+        {"role": "retrieval", "documents": [{"id": "s", "title": "kpasswd", "text": "kpasswd\t\t464/tcp"}]},
+        {"role": "user", "content": "Which port does kpasswd use?"}]})
+    assert answer(tokenizer.encode_text("464"), True, prompt=tabbed) == "464"
+    assert answer(tokenizer.encode_text("465"), True, prompt=tabbed).startswith("46")
+    # the abstention phrase is always there to copy
+    assert answer(tokenizer.encode_text(ABSTAIN), True) == ABSTAIN
+    # documents a search brought count too; shown none, the answer is free
+    bare = tokenizer.render_for_completion({"messages": [{"role": "user", "content": "When was the king born?"}]})
+    assert answer(garbled, True, prompt=bare) == "river cat 1838"
+    search = [S["<|search_start|>"]] + tokenizer.encode("king") + [S["<|search_end|>"]]
+    found = answer(search + garbled, True, prompt=bare, retriever=make_retriever("simple", [Document(**doc)]))
+    assert found != "river cat 1838" and (" " + found) in shown
