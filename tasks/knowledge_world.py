@@ -42,6 +42,11 @@ GENRES = "novel poem play song ballad film story hymn".split()   # no vowel firs
 PRODUCTS = "salt wine glass silk cheese horses bridges olives copper music tea wool".split()
 
 HELDOUT_BUCKETS = 8   # one name in 8 is held out
+# Training worlds draw a job, product, industry or genre from an open set half the time (an invented
+# lower-case word): from a dozen values a model lowers its loss by guessing the commonest instead of
+# reading, and some base seeds never left that (session 16: a seed-2 base answered "film" to every
+# genre question and "pottery" to every industry one, even after SFT). The held-out world keeps the lists.
+OPEN_VALUE_SHARE = 0.5
 
 
 def is_heldout_name(name):
@@ -66,6 +71,7 @@ def _all_names():
 ALL_NAMES = _all_names()
 TRAIN_NAMES = [n for n in ALL_NAMES if not is_heldout_name(n)]
 HELDOUT_NAMES = [n for n in ALL_NAMES if is_heldout_name(n)]
+OPEN_WORDS = [n.lower() for n in TRAIN_NAMES if n[0] not in "AEIOU"]   # invented values: consonant first ("a {genre}")
 
 # -----------------------------------------------------------------------------
 # Articles. Template 0 of each kind is the rigid one; the others vary word order and
@@ -231,30 +237,33 @@ class World:
 
 
 def make_world(seed, split="train", people=8, cities=4, orgs=4, works=4, countries=3, rigid=False):
-    """A deterministic world: same arguments, same world. split picks the name pool."""
+    """A deterministic world: same arguments, same world. split picks the name pool; a training
+    world's jobs, products, industries and genres are invented words half the time (OPEN_VALUE_SHARE)."""
     rng = random.Random(f"world-{split}-{seed}")
     pool = TRAIN_NAMES if split == "train" else HELDOUT_NAMES
     assert split in ("train", "heldout"), f"split must be train or heldout, got {split!r}"
+    invented = OPEN_WORDS if split == "train" else []
+    value = lambda closed: rng.choice(invented) if invented and rng.random() < OPEN_VALUE_SHARE else rng.choice(closed)
     names = iter(rng.sample(pool, people + cities + orgs + works + countries))
     country_names = [next(names) for _ in range(countries)]
     entities = []
     for _ in range(cities):
         entities.append({"kind": "city", "name": next(names), "country": rng.choice(country_names),
-                         "known_for": rng.choice(PRODUCTS)})
+                         "known_for": value(PRODUCTS)})
     city_names = [e["name"] for e in entities]
     persons = []
     for _ in range(people):
         persons.append({"kind": "person", "name": next(names), "born_in": rng.choice(city_names),
-                        "year": rng.randint(1700, 1960), "job": rng.choice(PROFESSIONS)})
+                        "year": rng.randint(1700, 1960), "job": value(PROFESSIONS)})
     entities += persons
     for _ in range(orgs):
         founder = rng.choice(persons)
         entities.append({"kind": "org", "name": next(names), "founder": founder["name"], "city": rng.choice(city_names),
-                         "year": founder["year"] + rng.randint(20, 60), "industry": rng.choice(INDUSTRIES)})
+                         "year": founder["year"] + rng.randint(20, 60), "industry": value(INDUSTRIES)})
     for _ in range(works):
         author = rng.choice(persons)
         entities.append({"kind": "work", "name": next(names), "author": author["name"],
-                         "year": author["year"] + rng.randint(18, 70), "genre": rng.choice(GENRES)})
+                         "year": author["year"] + rng.randint(18, 70), "genre": value(GENRES)})
     entities += [{"kind": "country", "name": c} for c in country_names]
     for e in entities:
         if e["kind"] in ARTICLES:

@@ -214,3 +214,14 @@ def test_comparison_tasks_ask_only_comparisons_answered_by_the_years():
         assert set(ex["hops"]) <= {d["id"] for d in ex["messages"][0]["documents"]}   # both entities' documents shown
     searched = world_task(3, "heldout", num_examples=5, comparisons=True)
     assert all(searched[i]["type"] == "comparison" for i in range(5))
+
+
+def test_training_worlds_invent_closed_set_values_and_the_heldout_world_does_not():
+    from tasks.knowledge_world import PROFESSIONS, INDUSTRIES, GENRES, PRODUCTS, OPEN_VALUE_SHARE
+    closed = {"job": PROFESSIONS, "industry": INDUSTRIES, "genre": GENRES, "known_for": PRODUCTS}
+    values = [(k, e[k]) for seed in range(40) for e in make_world(seed).entities.values() for k in closed if k in e]
+    invented = sum(v not in closed[k] for k, v in values) / len(values)
+    assert abs(invented - OPEN_VALUE_SHARE) < 0.1   # a guess from the list is right at most half the time
+    assert all(v.islower() and v[0] not in "aeiou" for k, v in values if v not in closed[k])
+    held = [(k, e[k]) for e in heldout_world().entities.values() for k in closed if k in e]
+    assert held and all(v in closed[k] for k, v in held)
