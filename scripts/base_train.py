@@ -41,6 +41,8 @@ from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import setup_optimizers, step_optimizers, all_reduce_grads
 from nanochat.checkpoint_manager import save_checkpoint, load_checkpoint, checkpoint_dir, model_tag_for
 from nanochat.engine import Engine
+from nanochat.rag import exact_match
+from tasks.knowledge_world import reading_probe
 
 parser = argparse.ArgumentParser(description="Pretrain a base model (Transformer, Mamba or hybrid)")
 # model
@@ -248,6 +250,27 @@ def sample_from_model(step):
     model.train()
 
 
+READING_PROBES = reading_probe(100)
+
+
+def reading_em():
+    """Greedy answers to held-out reading drills (tasks.knowledge_world.reading_probe): EM over all,
+    and over answers that are names or years / common words. A base that guesses common words from
+    their small sets instead of copying them is slow to learn its first SFT stage."""
+    engine = Engine(model, tokenizer)
+    probes = [(tokenizer.encode(text, prepend="<|bos|>"), answers, kind) for text, answers, kind in READING_PROBES]
+    probes = [p for p in probes if len(p[0]) + 12 <= config.sequence_len]
+    if not probes:
+        return None
+    rows = engine.generate_batch([p for p, _, _ in probes], max_tokens=12, temperature=0.0)
+    hits = {}
+    for (prompt, answers, kind), row in zip(probes, rows):
+        answer = tokenizer.decode(row.tokens[len(prompt):]).split("\n")[0]
+        hits.setdefault(kind, []).append(exact_match(answer, answers))
+    every = [h for v in hits.values() for h in v]
+    return {"all": sum(every) / len(every), **{kind: sum(v) / len(v) for kind, v in hits.items()}}
+
+
 def save(step, val_bpb):
     # the loader state from before the batch in hand was read, so a resume reads that batch again
     loader_states = [None] * world_size
@@ -256,7 +279,7 @@ def save(step, val_bpb):
     else:
         loader_states = [x_state]
     meta = {"model_config": config.to_dict(), "user_config": user_config, "step": step, "val_bpb": val_bpb,
-            "neighbour_bpb": neighbour_bpb,
+            "neighbour_bpb": neighbour_bpb, "reading_em": reading,
             "loader_state": loader_states, "loop_state": {"total_train_time": total_train_time}, "phase": "base"}
     save_checkpoint(ckpt_dir, step, model.state_dict(), [o.state_dict() for o in optimizers], meta, rank)
     print0(f"saved checkpoint step {step} to {ckpt_dir}")
@@ -287,7 +310,7 @@ def next_batch():
 
 
 batch = next_batch()
-neighbour_bpb = None
+neighbour_bpb, reading = None, None
 while True:
     last = step == args.num_iterations
     if last or (args.eval_every > 0 and step % args.eval_every == 0 and step > 0):
@@ -300,6 +323,11 @@ while True:
         line = f"step {step:5d} | val bpb {val_bpb:.4f}"
         if args.marginalize:
             encoder.train()   # the evaluation's searches put it in eval mode
+        reading = reading_em() if master else None
+        if reading:
+            line += (f" | reading EM {reading['all']:.2f} (names and years {reading.get('name or year', float('nan')):.2f}, "
+                     f"common words {reading.get('common word', float('nan')):.2f})")
+            wandb_run.log({"step": step, "val/reading_em": reading["all"]})
         if kb is not None:
             line += f" | held-out sequences: {bpb_alone:.4f} alone, {bpb_read:.4f} after {eval_k} neighbours"
             neighbour_bpb = {"alone": bpb_alone, "with_neighbours": bpb_read, "k": eval_k}

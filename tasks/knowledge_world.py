@@ -289,6 +289,40 @@ def heldout_world(seed=0, rigid=False):
     return make_world(seed, "heldout", people=300, cities=50, orgs=80, works=80, countries=8, rigid=rigid)
 
 
+CLOSED_ATTRIBUTES = ("job", "known_for", "industry", "genre")   # values of a small set (see OPEN_VALUE_SHARE)
+
+
+def reading_probe(n=100, seed=0):
+    """n held-out reading drills shaped as pretraining shows them: one to three articles of a small
+    held-out world, up to three answered questions about them, and one more ending in "A:". Returns
+    [(text, answers, "common word" | "name or year")]: whether a base model copies from context,
+    told apart for values of a closed set, which it can also guess."""
+    probes = []
+    for i in range(n):
+        rng = random.Random(f"reading-probe-{seed}-{i}")
+        world = make_world(rng.getrandbits(64), "heldout", people=3, cities=2, orgs=2, works=2, countries=1)
+        docs = world.documents()
+        rng.shuffle(docs)
+        docs = docs[:rng.choice([1, 2, 3])]
+        shown, qa = {d["id"] for d in docs}, []
+        for _ in range(200):   # up to four, each fact once: a repeated one could be copied from its earlier answer
+            q = world.question(rng, 1)
+            if q["hops"][0] in shown and all((q["hops"], q["answers"]) != (x["hops"], x["answers"]) for x in qa):
+                qa.append(q)
+                if len(qa) == 4:
+                    break
+        # the question to answer last: one whose answer no earlier answer gives away
+        last = next((q for q in reversed(qa) if sum(x["answers"] == q["answers"] for x in qa) == 1), qa[-1])
+        qa.remove(last)
+        qa.append(last)
+        entity = world.entities[last["hops"][0]]
+        kind = "common word" if any(str(entity.get(a)) == last["answers"][0] for a in CLOSED_ATTRIBUTES) else "name or year"
+        text = "\n\n".join(f"{d['title']}\n{d['text']}" for d in docs) + "\n\n"
+        text += "\n".join(f"Q: {q['question']}\nA: {q['answers'][0]}" for q in qa[:-1]) + f"\nQ: {last['question']}\nA:"
+        probes.append((text, last["answers"], kind))
+    return probes
+
+
 def quiz_corpus(world, seed=0, heldout_frac=0.1, quizzes_per_entity=3):
     """Text for retrieval-augmented pretraining (base_train --retrieval-augment): quizzes, each
     the single-hop questions about one entity ("Q: ...", "A: ..." lines, in a random order and

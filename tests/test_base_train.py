@@ -235,3 +235,14 @@ def test_muon_batched_step_equals_one_matrix_at_a_time():
             parts = g.split(p._muon_splits) if hasattr(p, "_muon_splits") else [g]
             w = w - 0.1 * torch.cat([zeropower_via_newtonschulz5(q) * max(1.0, q.size(0) / q.size(1)) ** 0.5 for q in parts])
         assert torch.allclose(p.detach(), w, atol=1e-5), shapes[k]
+
+
+def test_reading_probe_is_reported_and_saved(base_dir):
+    import json
+    args = [a for a in TINY if a not in ("--max-seq-len", "64")]
+    out = check(run_module("scripts.base_train", *args, "--max-seq-len", "512", "--data", "embedded",
+                           "--num-iterations", "2", "--model-tag", "probe", base_dir=base_dir))
+    assert re.search(r"reading EM \d\.\d\d \(names and years \d\.\d\d, common words \d\.\d\d\)", out)
+    meta = json.load(open(os.path.join(base_dir, "base_checkpoints", "probe", "meta_000002.json")))
+    assert set(meta["reading_em"]) == {"all", "name or year", "common word"}
+    assert all(0.0 <= v <= 1.0 for v in meta["reading_em"].values())

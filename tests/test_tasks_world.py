@@ -225,3 +225,16 @@ def test_training_worlds_invent_closed_set_values_and_the_heldout_world_does_not
     assert all(v.islower() and v[0] not in "aeiou" for k, v in values if v not in closed[k])
     held = [(k, e[k]) for e in heldout_world().entities.values() for k in closed if k in e]
     assert held and all(v in closed[k] for k, v in held)
+
+
+def test_reading_probe_answers_are_in_its_articles_and_never_in_its_earlier_answers():
+    from tasks.knowledge_world import reading_probe, CLOSED_ATTRIBUTES
+    probes = reading_probe(60)
+    assert probes == reading_probe(60)
+    kinds = {k for _, _, k in probes}
+    assert kinds == {"common word", "name or year"}
+    for text, answers, kind in probes:
+        articles, qa = text.split("\n\nQ: ", 1)
+        assert text.endswith("\nA:") and answers[0] in articles
+        assert f"A: {answers[0]}\n" not in text   # only the articles hold it
+        assert not (set(CAPITALISED.findall(text)) & set(TRAIN_NAMES))   # held-out names only
