@@ -35,8 +35,9 @@ parser.add_argument("-p", "--prompt", default=None, help="ask one question, prin
 parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
 parser.add_argument("--top-k-sampling", type=int, default=50, help="sample among the k most likely tokens")
 parser.add_argument("--max-tokens", type=int, default=None, help="most tokens per answer (default: 256, or less if the model is short)")
-parser.add_argument("--copy-answers", action="store_true",
-                    help="copy answers from the documents shown: values come out whole, never invented (chat_eval measures it)")
+parser.add_argument("--copy-answers", action=argparse.BooleanOptionalAction, default=True,
+                    help="copy each answer from the documents shown, when there are any: values come out whole, never "
+                         "invented (chat_eval --copy-answers measures it); --no-copy-answers lets the model write freely")
 parser.add_argument("--seed", type=int, default=42, help="sampling seed (each turn adds its index)")
 parser.add_argument("--device-type", default="", help="cuda | mps | cpu (default: autodetect)")
 args = parser.parse_args()

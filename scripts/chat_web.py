@@ -66,8 +66,9 @@ parser.add_argument("--max-searches", type=int, default=4, help="most searches t
 parser.add_argument("--temperature", type=float, default=0.6, help="default sampling temperature")
 parser.add_argument("--top-k-sampling", type=int, default=50, help="default: sample among the k most likely tokens")
 parser.add_argument("--max-tokens", type=int, default=None, help="default most tokens per answer (default: 256, or less if the model is short)")
-parser.add_argument("--copy-answers", action="store_true",
-                    help="copy answers from the documents shown: values come out whole, never invented (chat_eval measures it)")
+parser.add_argument("--copy-answers", action=argparse.BooleanOptionalAction, default=True,
+                    help="copy each answer from the documents shown, when there are any: values come out whole, never "
+                         "invented (chat_eval --copy-answers measures it); --no-copy-answers lets the model write freely")
 parser.add_argument("--num-workers", type=int, default=1,
                     help="model replicas serving requests in parallel; on CUDA worker i uses GPU i (mod the GPU count)")
 parser.add_argument("--max-batch", type=int, default=8,
