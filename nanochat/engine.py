@@ -131,6 +131,7 @@ class Engine:
             self.longest_piece = max(len(b) for b in self.piece)
             self.abstain = ABSTAIN.encode()
             self.text_prefix = tokenizer.text_prefix.encode()
+            self.first_pieces = {}   # (document bytes, opened) -> the pieces an answer can start with there
 
     def _copyable(self, row):
         """copy_answers: the ids of the word pieces that keep the row's answer a piece of the documents
@@ -157,17 +158,32 @@ class Engine:
             opened = True   # no prefix written: the answer began at its first word piece
         allowed = set() if opened or prefix not in self.piece_id else {self.piece_id[prefix]}
         for src in row.sources + [self.abstain]:
-            at = src.find(answer)
-            while at != -1:
-                after = at + len(answer)
-                for n in range(1, min(self.longest_piece, len(src) - after) + 1):
-                    piece = src[after:after + n]
-                    for candidate in ((piece,) if opened or not prefix else (piece, prefix + piece)):
-                        tid = self.piece_id.get(candidate)
-                        if tid is not None:
-                            allowed.add(tid)
-                at = src.find(answer, at + 1)
+            allowed |= self._continuations(src, answer, opened)
         return allowed
+
+    def _continuations(self, src, answer, opened):
+        """The ids of the word pieces that continue `answer` somewhere in `src` (also with the text prefix
+        in front while the answer is not opened). Every position continues the empty answer: that set is
+        kept per document, since every row and every search starts there."""
+        key = None if answer else (src, opened)
+        if key in self.first_pieces:
+            return self.first_pieces[key]
+        found, prefix = set(), self.text_prefix
+        at = src.find(answer)
+        while at != -1:
+            after = at + len(answer)
+            for n in range(1, min(self.longest_piece, len(src) - after) + 1):
+                piece = src[after:after + n]
+                for candidate in ((piece,) if opened or not prefix else (piece, prefix + piece)):
+                    tid = self.piece_id.get(candidate)
+                    if tid is not None:
+                        found.add(tid)
+            at = src.find(answer, at + 1)
+        if key is not None:
+            if len(self.first_pieces) >= 4096:
+                self.first_pieces.clear()
+            self.first_pieces[key] = found
+        return found
 
     def _flush_text(self, row):
         if row.pending:
