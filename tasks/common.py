@@ -173,8 +173,11 @@ class TaskMixture(Task):
         return self._locate(self.physical_index(index))[0]
 
     def task_at(self, index):
-        """The child task example `index` comes from (RL scores an answer with its own task)."""
-        return self.tasks[self.task_index_at(index)]
+        """The task example `index` comes from, inside a nested mixture too (RL scores an answer with
+        its own task: single-hop abstainN is itself a mixture)."""
+        t, local = self._locate(self.physical_index(index))
+        task = self.tasks[t]
+        return task.task_at(local) if hasattr(task, "task_at") else task
 
     def _prefetch_physical(self, indices):
         by_task = {}

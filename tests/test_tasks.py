@@ -111,6 +111,19 @@ def test_weighted_mixture_is_a_pure_function_of_the_index():
         assert 70 < sum(t is a for t in owners) < 130
 
 
+def test_a_nested_mixture_names_the_task_each_example_came_from():
+    # RL curricula mix tasks that are mixtures themselves (single-hop abstainN): task_at is a leaf
+    a, b, c = Numbers(3), Numbers(50), Numbers(100)
+    offset = {id(a): 1000, id(b): 2000, id(c): 3000}
+    for t in (a, b, c):
+        t.get_example = (lambda base: lambda i: {"messages": [{"role": "user", "content": "n?"},
+                                                              {"role": "assistant", "content": str(base + i)}]})(offset[id(t)])
+    mix = TaskMixture([TaskMixture([a, b], [1, 1], seed=1), c], [1, 1], seed=2)
+    for i in range(len(mix)):
+        leaf = mix.task_at(i)
+        assert leaf in (a, b, c) and value(mix[i]) // 1000 == offset[id(leaf)] // 1000
+
+
 def test_weighted_mixture_prefetches_in_blocks():
     a, b = Numbers(7), Numbers(100_000)
     mix = TaskMixture([a, b], [1, 3])
