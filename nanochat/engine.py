@@ -22,6 +22,7 @@ model's own distribution.
 import ast
 import operator
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 
@@ -110,6 +111,15 @@ class RowState:
 ANSWER_ROOM = 32   # context kept free after injected documents: the next search or the answer
 
 
+@lru_cache(maxsize=4)
+def word_pieces(tokenizer):
+    """copy_answers' tables, built once per tokenizer (chat_web makes an Engine per batch): the bytes of
+    every token id (b"" for special tokens), bytes -> id, and the longest piece's length."""
+    special = set(tokenizer.special.values())
+    piece = [b"" if i in special else tokenizer.enc.decode_single_token_bytes(i) for i in range(tokenizer.get_vocab_size())]
+    return piece, {b: i for i, b in enumerate(piece) if b}, max(len(b) for b in piece)
+
+
 class Engine:
     def __init__(self, model, tokenizer, retriever=None, search_top_k=3, max_searches=4, max_injected_tokens=2048,
                  copy_answers=False):
@@ -125,10 +135,7 @@ class Engine:
         self.stop_tokens = {S["<|assistant_end|>"], S["<|bos|>"]}
         self.special_ids = set(S.values())
         if copy_answers:
-            enc = tokenizer.enc
-            self.piece = [b"" if i in self.special_ids else enc.decode_single_token_bytes(i) for i in range(tokenizer.get_vocab_size())]
-            self.piece_id = {b: i for i, b in enumerate(self.piece) if b}
-            self.longest_piece = max(len(b) for b in self.piece)
+            self.piece, self.piece_id, self.longest_piece = word_pieces(tokenizer)
             self.abstain = ABSTAIN.encode()
             self.text_prefix = tokenizer.text_prefix.encode()
             self.first_pieces = {}   # (document bytes, opened) -> the pieces an answer can start with there
@@ -324,7 +331,8 @@ class Engine:
         not_tokens[self.banned] = True
         not_tokens[self.tokenizer.get_vocab_size():] = True   # padding rows of the embedding are not tokens
         live = list(range(B))   # cache row j holds rows[live[j]]; finished rows are dropped in batches
-        copy_keep = torch.tensor(sorted(self.special_ids), dtype=torch.long, device=device)
+        copy_forbidden = torch.ones(logits.size(-1), dtype=torch.bool, device=device)   # word pieces, until allowed
+        copy_forbidden[sorted(self.special_ids)] = False
         steps = max(max_tokens)
         for step in range(steps):
             if all(rows[i].completed for i in live):
@@ -337,13 +345,10 @@ class Engine:
                 for j, i in enumerate(live):
                     row = rows[i]
                     allowed = None if row.completed or row.mode != "text" else self._copyable(row)
-                    if allowed is not None:
-                        keep = logits[j, copy_keep].clone()   # special tokens stay the model's choice
-                        pieces = torch.tensor(sorted(allowed), dtype=torch.long, device=device)
-                        kept = logits[j, pieces].clone()
-                        logits[j] = float("-inf")
-                        logits[j, copy_keep] = keep
-                        logits[j, pieces] = kept
+                    if allowed is not None:   # special tokens stay the model's choice
+                        forbidden = copy_forbidden.clone()
+                        forbidden[torch.tensor(sorted(allowed), dtype=torch.long, device=device)] = False
+                        logits[j].masked_fill_(forbidden, float("-inf"))
             if per_prompt:
                 sampled_t = self._sample_per_prompt(logits, [rows[i] for i in live], generators, temperature, top_k)
             else:

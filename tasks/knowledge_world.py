@@ -173,7 +173,7 @@ class World:
         """The KB: one {"id", "title", "text"} per entity (countries have no article)."""
         return [{"id": e["name"], "title": e["name"], "text": e["text"]} for e in self.entities.values() if e["kind"] in ARTICLES]
 
-    def question(self, rng, hops=1, rigid=None, comparison=None):
+    def question(self, rng, hops=1, rigid=None, comparison=False):
         """A random question: {"question", "answers", "hops" (gold doc ids, in reading order),
         "queries" (a search a model can write for each hop: the name it has seen), "type"}.
         hops=1 single-hop, hops=2 a bridge or (one in four) a comparison, hops=3 a chain;
@@ -432,7 +432,7 @@ class WorldQA(_WorldQATask):
         if self.unanswerable is not None:
             example = _conversation(unanswerable_question(rng, self.world, self.unanswerable, self.hops, "heldout"))
         else:
-            example = _conversation(self.world.question(rng, self.hops, comparison=self.comparisons or None))
+            example = _conversation(self.world.question(rng, self.hops, comparison=self.comparisons))
         if self.turns > 1:
             rng = random.Random(f"history-{self.seed}-{self.hops}-{index}")
             example = with_history(example, rng, [self.world, self.unanswerable or self.world], self.turns, "heldout")
@@ -460,7 +460,7 @@ class WorldStream(_WorldQATask):
             other = mini_world(random.Random(f"stream-other-{self.seed}-{index}"), "train", self.rigid)
             example = _conversation(unanswerable_question(rng, world, other, self.hops, "train"), kb=world.documents())
         else:
-            example = _conversation(world.question(rng, self.hops, comparison=self.comparisons or None), kb=world.documents())
+            example = _conversation(world.question(rng, self.hops, comparison=self.comparisons), kb=world.documents())
         if self.turns > 1:
             rng = random.Random(f"stream-history-{self.seed}-{index}")
             other = mini_world(rng, "train", self.rigid)
