@@ -71,15 +71,14 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(chat_dirs):
-    """chat_web with 2 CPU workers; yields its base URL."""
+def start_server(chat_dirs, *flags):
+    """Run chat_web with 2 CPU workers; yields its base URL, then stops it."""
     import httpx
     base, kb = chat_dirs
     port = free_port()
     env = dict(os.environ, NANOCHAT_BASE_DIR=base, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "scripts.chat_web", "--source", "sft", "--kb", kb, "--port", str(port),
-           "--num-workers", "2", "--temperature", "0", "--max-tokens", "16", "--top-k", "3", "--device-type", "cpu"]
+           "--num-workers", "2", "--temperature", "0", "--max-tokens", "16", "--top-k", "3", "--device-type", "cpu", *flags]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
@@ -101,6 +100,13 @@ def server(chat_dirs):
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(chat_dirs):
+    """The streaming tests: the gibberish model writes freely (copied answers are tested on their own
+    below; copying from documents may end its gibberish after one token)."""
+    yield from start_server(chat_dirs, "--no-copy-answers")
 
 
 def stream(url, body, timeout=60):
@@ -146,6 +152,23 @@ def test_stream_ensemble_mode(server):
     assert kinds[0] == "documents" and kinds[-1] == "done" and "token" in kinds, kinds
     assert events[0]["documents"] == always[0]["documents"] and len(events[0]["documents"]) == 2
     assert "".join(e["text"] for e in events if e["type"] == "token") == events[-1]["answer"] != ""
+
+
+def test_copied_answers_are_pieces_of_the_documents_shown(chat_dirs, tokenizer):
+    """chat_web copies answers by default: whatever the (gibberish) model prefers, each answer it
+    streams with documents shown is a piece of one document's text or of the abstain sentence."""
+    from nanochat.rag import ABSTAIN
+    for url in start_server(chat_dirs):
+        for question in ("Where was Kela Varo born?", "Who founded Osk, the old city?", "What did the blue king build?"):
+            events = stream(url, ask(question, retrieval="always", top_k=3, max_tokens=12))
+            docs = events[0]["documents"]
+            assert events[0]["type"] == "documents" and docs and events[-1]["type"] == "done", events
+            shown = [tokenizer.decode(tokenizer.encode_document(next(d for d in DOCS if d["title"] == doc["title"]), doc["number"]))
+                     for doc in docs]
+            answer = events[-1]["answer"]
+            piece = answer[len(tokenizer.text_prefix):] if answer.startswith(tokenizer.text_prefix) else answer
+            assert piece.strip(), events
+            assert any(piece in text for text in shown) or ABSTAIN.startswith(piece), (answer, shown)
 
 
 def test_info_health_and_page(server):
