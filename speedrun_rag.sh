@@ -311,6 +311,10 @@ evaluate() {
         "$PY" -m scripts.chat_eval --source rl --model-tag "$TAG" --block-pattern "$BLOCK_PATTERN" \
             --task $task "$@" --json-out "$RUN_DIR/eval/rl_${task}.json"
     done
+    # single-hop with the shown documents in random order: BM25 ranks the asked entity's article
+    # first, so world2 alone cannot tell reading which document is about what from copying document 1
+    "$PY" -m scripts.chat_eval --source rl --model-tag "$TAG" --block-pattern "$BLOCK_PATTERN" \
+        --task world2 "$@" --shuffle-documents --json-out "$RUN_DIR/eval/rl_world2_shuffled.json"
 }
 
 # Zero-shot reading of real documents: KBs and questions made from text on this machine

@@ -39,6 +39,9 @@ parser.add_argument("--copy-answers", action="store_true",
                          "(or of the abstention phrase), so values come out whole instead of garbled (Engine copy_answers)")
 parser.add_argument("--random-documents", action="store_true",
                     help="control: replace each question's retrieved documents with as many random documents of the KB")
+parser.add_argument("--shuffle-documents", action="store_true",
+                    help="control: show each question's retrieved documents in random order (a model that reads which "
+                         "document is about what keeps its EM; one that copies from the first loses it)")
 parser.add_argument("--max-searches", type=int, default=4, help="searches allowed per answer")
 parser.add_argument("--num-examples", type=int, default=200, help="examples to evaluate (from the start)")
 parser.add_argument("--eval-examples", type=int, default=None, help=argparse.SUPPRESS)
@@ -57,8 +60,8 @@ if args.ensemble_temperature <= 0:
     die(f"--ensemble-temperature must be positive, got {args.ensemble_temperature}")
 if args.copy_answers and args.ensemble:
     die("--copy-answers reads the documents together: not with --ensemble")
-if (args.ensemble or args.random_documents) and (args.no_retrieval or args.multihop):
-    die("--ensemble and --random-documents work on retrieved documents: not with --no-retrieval or --multihop")
+if (args.ensemble or args.random_documents or args.shuffle_documents) and (args.no_retrieval or args.multihop):
+    die("--ensemble, --random-documents and --shuffle-documents work on retrieved documents: not with --no-retrieval or --multihop")
 args.eval_examples = args.num_examples
 args.stream_examples, args.seed = 1, 0
 
@@ -108,6 +111,8 @@ if args.ensemble:
     mode = f"ensemble over documents ({args.ensemble_weights} weights)"
 if args.random_documents:
     mode += ", random documents"
+if args.shuffle_documents:
+    mode += ", documents in random order"
 if args.copy_answers:
     mode += ", answers copied from the documents"
 ensemble = {"weighting": args.ensemble_weights, "temperature": args.ensemble_temperature} if args.ensemble else None

@@ -8,7 +8,7 @@ and sample conversations. Everything comes from files the stages already wrote:
     chatsft_checkpoints/<tag>/metrics.jsonl    held-out EM / answer loss during SFT
     chatrl_checkpoints/<tag>/metrics.jsonl     reward / EM per RL step, held-out EM
     kb/retrieval_*.json                        kb_tools.eval_retrieval --json
-    eval/<sft|rl>_<task>[_noretrieval].json    chat_eval --json-out
+    eval/<sft|rl>_<task>[_noretrieval|_shuffled].json    chat_eval --json-out
     transfer/<set>[_copied].json, transfer/long/<set>_top<k>[_copied].json   the same, real-text sets
 
     python -m scripts.report --run-dir runs/cpu_d4 --model-tag d4
@@ -248,6 +248,10 @@ summary = [
 ]
 for what, with_r, without_r in summary:
     out(f"- Held-out {what}: EM **{pct(with_r)}** with retrieval, {pct(without_r)} without.")
+shuffled = read_json("eval", "rl_world2_shuffled.json")
+if shuffled:
+    out(f"- Held-out single-hop with the shown documents in random order (after RL): EM **{pct(shuffled['metrics']['em'])}** "
+        f"(in the retriever's order the asked entity's article is first: this one needs the right article found)")
 if rl_meta.get("kept") == "start":
     out("- RL did not beat the SFT model on held-out EM: the final model is the SFT model unchanged.")
 chat = {task: em_of("rl", task) for task in ("search2", "chat2", "turns2", "turns3", "abstain2", "abstain3")}

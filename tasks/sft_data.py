@@ -52,6 +52,8 @@ def build_task(name, args, split, seed=None, context_len=512):
             raise ValueError(f"unknown knowledge-world level {name!r}: use {kind}{min(levels)}..{kind}{max(levels)}")
         options = dict(turns=3 if kind in ("turns", "chat", "abstain") else 1, unanswerable=kind == "abstain",
                        search=kind in ("search", "chat"), retriever=args.retriever, comparisons=kind == "compare")
+        if split != "train" and getattr(args, "shuffle_documents", False):
+            options["shuffle"] = True   # chat_eval's control: documents shown in random order
         stream_seed = (args.seed if seed is None else seed) if split == "train" else 0   # held out: the same questions every run
         if split == "train":
             make = lambda **o: world_task(level, "train", num_examples=args.stream_examples, seed=stream_seed, **o)
@@ -81,7 +83,9 @@ def build_task(name, args, split, seed=None, context_len=512):
         frac = getattr(args, "qa_heldout_frac", 0)
         # split by document: held-out questions are about documents no training question touches
         base = JsonlQA(args.qa, split=split if frac > 0 else None, heldout_frac=frac)
-        return MultiHopRAGTask(base, retriever, args.top_k) if args.multihop else RAGTask(base, retriever, args.top_k)
+        if args.multihop:
+            return MultiHopRAGTask(base, retriever, args.top_k)
+        return RAGTask(base, retriever, args.top_k, shuffle=split != "train" and getattr(args, "shuffle_documents", False))
     train = split == "train"
     if name == "smoltalk":
         from tasks.smoltalk import SmolTalk
