@@ -36,6 +36,7 @@ def build_task(name, args, split, seed=None, context_len=512):
     default args.seed); 'heldout' is for evaluation. context_len: the model's, which the long
     entries of reading drills are sized for."""
     from tasks.rag import world_task, RAGTask, MultiHopRAGTask, LEVELS
+    shuffle = split != "train" and getattr(args, "shuffle_documents", False)   # chat_eval's control: documents in random order
     kind = next((k for k in ("world", "turns", "abstain", "search", "chat", "compare") if name.startswith(k) and name[len(k):].isdigit()), None)
     if kind:
         # worldN: level N of the knowledge world; turnsN: its questions as the 2nd or 3rd turn of a chat;
@@ -51,9 +52,7 @@ def build_task(name, args, split, seed=None, context_len=512):
         if level not in levels:
             raise ValueError(f"unknown knowledge-world level {name!r}: use {kind}{min(levels)}..{kind}{max(levels)}")
         options = dict(turns=3 if kind in ("turns", "chat", "abstain") else 1, unanswerable=kind == "abstain",
-                       search=kind in ("search", "chat"), retriever=args.retriever, comparisons=kind == "compare")
-        if split != "train" and getattr(args, "shuffle_documents", False):
-            options["shuffle"] = True   # chat_eval's control: documents shown in random order
+                       search=kind in ("search", "chat"), retriever=args.retriever, comparisons=kind == "compare", shuffle=shuffle)
         stream_seed = (args.seed if seed is None else seed) if split == "train" else 0   # held out: the same questions every run
         if split == "train":
             make = lambda **o: world_task(level, "train", num_examples=args.stream_examples, seed=stream_seed, **o)
@@ -85,7 +84,7 @@ def build_task(name, args, split, seed=None, context_len=512):
         base = JsonlQA(args.qa, split=split if frac > 0 else None, heldout_frac=frac)
         if args.multihop:
             return MultiHopRAGTask(base, retriever, args.top_k)
-        return RAGTask(base, retriever, args.top_k, shuffle=split != "train" and getattr(args, "shuffle_documents", False))
+        return RAGTask(base, retriever, args.top_k, shuffle=shuffle)
     train = split == "train"
     if name == "smoltalk":
         from tasks.smoltalk import SmolTalk

@@ -223,7 +223,6 @@ def test_shuffle_moves_the_gold_document():
                sorted(d["id"] for d in shuffled[i]["messages"][0]["documents"]) for i in range(200))
 
 
-
 def test_chat_evals_shuffle_documents_control_reorders_only_the_held_out_documents():
     import argparse
     from tasks.sft_data import build_task
@@ -233,6 +232,7 @@ def test_chat_evals_shuffle_documents_control_reorders_only_the_held_out_documen
     assert all(ids(ranked, i)[0] == ranked[i]["hops"][0] for i in range(100))
     assert sum(ids(shuffled, i)[0] == shuffled[i]["hops"][0] for i in range(100)) < 70
     assert all(sorted(ids(ranked, i)) == sorted(ids(shuffled, i)) for i in range(100))
+
 
 # -----------------------------------------------------------------------------
 # MultiHopRAGTask
