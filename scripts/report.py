@@ -248,9 +248,9 @@ summary = [
 ]
 for what, with_r, without_r in summary:
     out(f"- Held-out {what}: EM **{pct(with_r)}** with retrieval, {pct(without_r)} without.")
-shuffled = read_json("eval", "rl_world2_shuffled.json")
-if shuffled:
-    out(f"- Held-out single-hop with the shown documents in random order (after RL): EM **{pct(shuffled['metrics']['em'])}** "
+shuffled = em_of("rl", "world2_shuffled")
+if shuffled is not None:
+    out(f"- Held-out single-hop with the shown documents in random order (after RL): EM **{pct(shuffled)}** "
         f"(in the retriever's order the asked entity's article is first: this one needs the right article found)")
 if rl_meta.get("kept") == "start":
     out("- RL did not beat the SFT model on held-out EM: the final model is the SFT model unchanged.")
