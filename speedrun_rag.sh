@@ -28,6 +28,7 @@ usage() {
     echo
     echo "flags: --smoke | --gpu | --cpu | --fresh | --block-pattern P | --run-dir DIR | --from-nanochat CKPT_DIR | --nanochat-tokenizer TOK_DIR | -h"
     echo "env:   BLOCK_PATTERN, RUN_DIR, NPROC (processes per training stage), SEED (a replicate: base init and data, fine-tuning streams), NANOCHAT_BASE_DIR (download cache),"
+    echo "       NANOCHAT_REALTEXT_CACHE (the scan of this machine's real text, shared by runs; default \$NANOCHAT_BASE_DIR/realtext),"
     echo "       QUERY_POSITION (after | before | both: the question relative to its documents, chat_sft --query-position),"
     echo "       MAMBA_INIT (default | mimetic | induction: base_train --mamba-init),"
     echo "       BASE_ITERS, SFT_ITERS, RL_ITERS (override the mode's step counts, e.g. a longer SFT for a Mamba pattern),"
@@ -190,6 +191,8 @@ touch "$RUN_DIR/.speedrun"
 RUN_DIR="$(cd "$RUN_DIR" && pwd)"
 SHOW_DIR="${RUN_DIR#"$PWD"/}"   # as typed from the repo root, when it is inside it
 export NANOCHAT_BASE_DIR="$RUN_DIR"
+# the scan of this machine's real text (base data, reading drills' words) is shared by every run
+export NANOCHAT_REALTEXT_CACHE="${NANOCHAT_REALTEXT_CACHE:-$CACHE_DIR/realtext}"
 SEED="${SEED:-0}"   # another SEED is a replicate: base weights and data, SFT's (and, plus one, RL's) example streams
 QUERY_POSITION="${QUERY_POSITION:-after}"   # where questions go relative to their documents (saved with the model)
 MAMBA_INIT="${MAMBA_INIT:-default}"         # default | mimetic: how M blocks start (base_train --mamba-init)

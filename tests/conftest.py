@@ -1,12 +1,16 @@
 """Shared fixtures: a tiny tokenizer and a tiny parquet corpus, both made here, never downloaded."""
 import os
 import random
+import tempfile
 
 import pytest
 
 from nanochat.tokenizer import Tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# every test and the processes it starts share one scan of the machine's real text (~2 minutes
+# each otherwise: the reading drills' words come from it); it is keyed by its roots and their mtimes
+os.environ.setdefault("NANOCHAT_REALTEXT_CACHE", os.path.join(tempfile.gettempdir(), "nanochat-rag-tests-realtext"))
 WORDS = ("the a cat dog sat ran on under over mat house river city old new red blue green king queen "
          "born lived wrote built in of and was is founded company author year capital").split()
 

@@ -31,6 +31,7 @@ def dirs(tmp_path, monkeypatch):
     """A corpus directory and, next to it, one that must never be read."""
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
     monkeypatch.delenv("NANOCHAT_REALTEXT_ROOTS", raising=False)
+    monkeypatch.delenv("NANOCHAT_REALTEXT_CACHE", raising=False)   # the cache these tests check is the base dir's
     inside, outside = tmp_path / "inside", tmp_path / "outside"
     marker = tmp_path / "imported"
     module(inside / train_file("pkg/zorb.py"),
