@@ -93,6 +93,7 @@ if [ "$MODE" = cpu ]; then
     RL_CURRICULUM=world3:0.45+world2:0.1+read1:0.1+turns3:0.1+abstain3:0.1+search2:0.15+entries:0.1  RL_ADVANTAGE=grpo  RL_LR_FRAC=0.3
     RL_ITERS=200  RL_PROMPTS=8  RL_SAMPLES=8  RL_MAX_NEW_TOKENS=48  RL_EVAL_EVERY=50  RL_EVAL_EXAMPLES=60
     EVAL_EXAMPLES=100  EVAL_MAX_NEW_TOKENS=64  TRANSFER_QUESTIONS=100  RETRIEVER_STEPS=150
+    TRANSFER_SETS=httpstatus,errno,countries,currencies,services,manpages  LONG_SETS=dpkg,pymeta
     NPROC="${NPROC:-1}"
 elif [ "$MODE" = smoke ]; then
     # toy sizes: checks that every stage runs and the report builds, in a couple of minutes
@@ -104,6 +105,7 @@ elif [ "$MODE" = smoke ]; then
     RL_CURRICULUM=world3:0.45+world2:0.1+read1:0.1+turns3:0.1+abstain3:0.1+search2:0.15+entries:0.1  RL_ADVANTAGE=grpo  RL_LR_FRAC=0.3
     RL_ITERS=3  RL_PROMPTS=2  RL_SAMPLES=2  RL_MAX_NEW_TOKENS=16  RL_EVAL_EVERY=2  RL_EVAL_EXAMPLES=4
     EVAL_EXAMPLES=4  EVAL_MAX_NEW_TOKENS=16  TRANSFER_QUESTIONS=4  RETRIEVER_STEPS=2
+    TRANSFER_SETS=httpstatus,errno  LONG_SETS=pymeta   # two of the six sets and one long one: each is ~3 processes
     NPROC="${NPROC:-1}"
 elif [ "$MODE" = gpu ]; then
     # nanochat d20 class (~560M parameters, Chinchilla-style 20 tokens per parameter = ~11B
@@ -117,6 +119,7 @@ elif [ "$MODE" = gpu ]; then
     RL_CURRICULUM=world2,world3,world4  RL_ADVANTAGE=grpo  RL_LR_FRAC=0.1
     RL_ITERS=300  RL_PROMPTS=16  RL_SAMPLES=16  RL_MAX_NEW_TOKENS=128  RL_EVAL_EVERY=50  RL_EVAL_EXAMPLES=200
     EVAL_EXAMPLES=500  EVAL_MAX_NEW_TOKENS=128  TRANSFER_QUESTIONS=500  RETRIEVER_STEPS=300
+    TRANSFER_SETS=httpstatus,errno,countries,currencies,services,manpages  LONG_SETS=dpkg,pymeta
     NPROC="${NPROC:-$NUM_GPUS}"
     if [ "$NPROC" -lt 1 ]; then echo "error: --gpu, but nvidia-smi lists no GPU" >&2; exit 1; fi
 else
@@ -330,7 +333,7 @@ evaluate() {
 # scored 0-1% on every set in every run (runs up to cpu_r32), so that control is no longer run.
 transfer() {
     local dir="$RUN_DIR/transfer" qa name
-    "$PY" -m kb_tools.machine_qa --out "$dir/data" --max-questions "$1"
+    "$PY" -m kb_tools.machine_qa --out "$dir/data" --sources "$2" --max-questions "$1"
     for qa in "$dir"/data/*_qa.jsonl; do
         name=$(basename "$qa" _qa.jsonl)
         "$PY" -m kb_tools.build_kb --input "$dir/data/${name}_kb.jsonl" --out "$dir/kb_$name" --retrievers bm25 --no-progress
@@ -341,7 +344,7 @@ transfer() {
     done
     # long multi-field entries (installed Debian packages, Python distributions' metadata; where the machine
     # has them), read from BM25's top 1 and top 3: more documents must not make the answers worse
-    "$PY" -m kb_tools.machine_qa --out "$dir/long/data" --sources dpkg,pymeta --max-questions "$1"
+    "$PY" -m kb_tools.machine_qa --out "$dir/long/data" --sources "$3" --max-questions "$1"
     for qa in "$dir"/long/data/*_qa.jsonl; do
         [ -e "$qa" ] || continue
         name=$(basename "$qa" _qa.jsonl)
@@ -410,7 +413,7 @@ stage kb kb \
 stage eval eval \
     evaluate --num-examples "$EVAL_EXAMPLES" --max-new-tokens "$EVAL_MAX_NEW_TOKENS"
 stage transfer transfer \
-    transfer "$TRANSFER_QUESTIONS"
+    transfer "$TRANSFER_QUESTIONS" "$TRANSFER_SETS" "$LONG_SETS"
 if [ "$RETRIEVER_STEPS" -gt 0 ]; then
     stage retriever retriever \
         retriever
