@@ -170,12 +170,9 @@ if [[ "$BLOCK_PATTERN" =~ ^T+$ ]]; then TAG="d$DEPTH"; else TAG="d${DEPTH}_$BLOC
 # 2-hop search; a fresh TTTT base, SEED=2, sat at ~65% batch EM in world1 for 225 steps): each of
 # the four stages moves on after a quarter of SFT's steps whatever its EM (a third left a stalled
 # MMMM run no steps for the last stage)
-# Pretraining's reading drills also put each question first ("readtwice") for pure M: a recurrent
-# state that must keep every fact of three documents learned to guess (reading probe 0.00 at 500 steps)
 SFT_LR_FRAC=1  SFT_MAX_STAGE_STEPS=$(( SFT_ITERS / 4 ))
 if [[ "$BLOCK_PATTERN" =~ ^M+$ ]]; then
     QUERY_POSITION="${QUERY_POSITION:-both}"  MAMBA_INIT="${MAMBA_INIT:-induction}"  SFT_LR_FRAC=0.3  SFT_ADVANCE_EM=0.7
-    DATA="${DATA/reading:/readtwice:}"
 fi
 
 # directories: the run's own, and the shared download cache

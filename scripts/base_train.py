@@ -21,7 +21,6 @@ text likely (saved as query_encoder/ beside the checkpoint).
 For the knowledge world, `python -m tasks.knowledge_world --out DIR --realm` writes such a corpus:
 the KB is the world's articles, the text is questions about them.
 """
-import os
 import gc
 import time
 import math
@@ -36,7 +35,7 @@ from nanochat.mamba import MAMBA_INITS
 from nanochat.nanochat_format import trunk_features
 from nanochat.tokenizer import get_tokenizer
 from tasks.pretraining import GENERATED
-from nanochat.dataset import get_source, parse_mix
+from nanochat.dataset import get_source
 from nanochat.dataloader import PretrainLoader, NeighbourLoader
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import setup_optimizers, step_optimizers, all_reduce_grads
@@ -251,9 +250,7 @@ def sample_from_model(step):
     model.train()
 
 
-# the probe reads as the drills trained on do: with the question also first for "readtwice"
-READING_QUESTION_FIRST = not os.path.isdir(args.data) and any(name == "readtwice" for name, _ in parse_mix(args.data))
-READING_PROBES = reading_probe(100, question_first=READING_QUESTION_FIRST)
+READING_PROBES = reading_probe(100)
 
 
 def reading_em():
@@ -328,7 +325,7 @@ while True:
             encoder.train()   # the evaluation's searches put it in eval mode
         reading = reading_em() if master else None
         if reading:
-            line += (f" | reading EM{' (question first)' if READING_QUESTION_FIRST else ''} {reading['all']:.2f} (names and years {reading.get('name or year', float('nan')):.2f}, "
+            line += (f" | reading EM {reading['all']:.2f} (names and years {reading.get('name or year', float('nan')):.2f}, "
                      f"common words {reading.get('common word', float('nan')):.2f})")
             wandb_run.log({"step": step, "val/reading_em": reading["all"]})
         if kb is not None:

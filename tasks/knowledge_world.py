@@ -292,10 +292,9 @@ def heldout_world(seed=0, rigid=False):
 CLOSED_ATTRIBUTES = ("job", "known_for", "industry", "genre")   # values of a small set (see OPEN_VALUE_SHARE)
 
 
-def reading_probe(n=100, seed=0, question_first=False):
+def reading_probe(n=100, seed=0):
     """n held-out reading drills shaped as pretraining shows them: one to three articles of a small
-    held-out world, up to three answered questions about them, and one more ending in "A:"
-    (question_first: that question also before the articles, as the "readtwice" drills). Returns
+    held-out world, up to three answered questions about them, and one more ending in "A:". Returns
     [(text, answers, "common word" | "name or year")]: whether a base model copies from context,
     told apart for values of a closed set, which it can also guess."""
     probes = []
@@ -318,8 +317,7 @@ def reading_probe(n=100, seed=0, question_first=False):
         qa.append(last)
         entity = world.entities[last["hops"][0]]
         kind = "common word" if any(str(entity.get(a)) == last["answers"][0] for a in CLOSED_ATTRIBUTES) else "name or year"
-        text = f"Q: {last['question']}\n\n" if question_first else ""
-        text += "\n\n".join(f"{d['title']}\n{d['text']}" for d in docs) + "\n\n"
+        text = "\n\n".join(f"{d['title']}\n{d['text']}" for d in docs) + "\n\n"
         text += "\n".join(f"Q: {q['question']}\nA: {q['answers'][0]}" for q in qa[:-1]) + f"\nQ: {last['question']}\nA:"
         probes.append((text, last["answers"], kind))
     return probes

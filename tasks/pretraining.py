@@ -6,8 +6,6 @@ index, so a run resumes exactly and torchrun ranks read disjoint documents.
 - "embedded": the knowledge world's articles followed by questions answered from them
   (tasks.knowledge_world.pretraining_documents), never repeating, license-clean.
 - "reading": reading drills as plain text (tasks.reading.pretraining_text).
-- "readtwice": the same drills with each question also before its documents (JRT), for recurrent
-  (pure Mamba) models, which read with the question first in SFT too (chat_sft --query-position both).
 - "recall": key -> value recall drills (tasks.recall.recall_document), e.g. embedded:1+recall:1.
 """
 from tasks.knowledge_world import pretraining_documents
@@ -22,9 +20,4 @@ def world_document(i, split):
     return next(iter(pretraining_documents((VAL_OFFSET if split == "val" else 0) + i)))
 
 
-def read_twice_document(i, split):
-    return pretraining_text(i, split, question_first=True)
-
-
-GENERATED = {"embedded": world_document, "reading": pretraining_text, "readtwice": read_twice_document,
-             "recall": recall_document}
+GENERATED = {"embedded": world_document, "reading": pretraining_text, "recall": recall_document}

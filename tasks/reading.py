@@ -759,23 +759,18 @@ def _drills_for_pretraining(split):
     return {level: ReadingDrills(level, split, 10 ** 9, unkeyed=False) for level in (1, 2)}
 
 
-def pretraining_text(index, split="train", question_first=False):
+def pretraining_text(index, split="train"):
     """Plain-text reading drills for base pretraining (document `index` of an endless stream): a few
     documents, each followed by `Q:`/`A:` lines, half of them the rigid level. The loss on the
     answers can only be lowered by copying from the document just above, so pretraining already
-    forms the content-addressed copying that SFT's reading stages need. question_first: the
-    question also comes before the documents (JRT, what SFT's --query-position both shows): a
-    recurrent state that knows the question can keep its answer, where one that must keep every
-    fact of three documents learns to guess (a pure-M base scored 0.00 on the reading probe)."""
+    forms the content-addressed copying that SFT's reading stages need."""
     rng = random.Random(f"read-pretrain-{split}-{index}")
     drills = _drills_for_pretraining("train" if split == "train" else "heldout")
     blocks = []
     for _ in range(rng.randint(3, 6)):
         ex = drills[rng.choice((1, 2))][rng.randrange(10 ** 9)]
         docs = "\n\n".join(f"{d['title']}\n{d['text']}" for d in ex["kb"])
-        question = ex["messages"][0]["content"]
-        before = f"Q: {question}\n\n" if question_first else ""
-        blocks.append(f"{before}{docs}\nQ: {question}\nA: {ex['answers'][0]}")
+        blocks.append(f"{docs}\nQ: {ex['messages'][0]['content']}\nA: {ex['answers'][0]}")
     return "\n\n".join(blocks)
 
 

@@ -238,7 +238,3 @@ def test_reading_probe_answers_are_in_its_articles_and_never_in_its_earlier_answ
         assert text.endswith("\nA:") and answers[0] in articles
         assert f"A: {answers[0]}\n" not in text   # only the articles hold it
         assert not (set(CAPITALISED.findall(text)) & set(TRAIN_NAMES))   # held-out names only
-    # question first ("readtwice" drills): the same probes with the last question also before the articles
-    for (text, answers, kind), (first, answers2, kind2) in zip(probes, reading_probe(60, question_first=True)):
-        last = text.rsplit("\nQ: ", 1)[1]
-        assert first == f"Q: {last[:-len(chr(10) + 'A:')]}\n\n{text}" and (answers, kind) == (answers2, kind2)
