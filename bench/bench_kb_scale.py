@@ -17,8 +17,9 @@ Per size, each in its own process (peak RSS from wait4, so one measurement never
   bm25 q/s     --queries queries through RetrievalManager, and through bm25s directly (same index)
 Dense: MiniLM encoding docs/s in this process; a build of --dense-passages passages by 1 process
 and by 2 torchrun processes (wall and CPU seconds: sharing the work should cost ~1x, not 2x).
-FAISS: --faiss-vectors random unit vectors (384-d, MiniLM's size) in build_kb's flat / hnsw / ivf /
-ivfpq indexes: bytes per vector, build seconds, queries/s, recall@10 against flat.
+FAISS: --faiss-vectors unit vectors (384-d, MiniLM's size; isotropic and clustered: --faiss-data) in
+build_kb's flat / hnsw / ivf / ivfpq indexes: bytes per vector, build seconds, queries/s, recall@10
+against flat.
 """
 import os
 # torch's OpenMP threads spin-wait between ops; on a CPU shared with other jobs that made a
@@ -47,6 +48,8 @@ parser.add_argument("--queries", type=int, default=1000, help="queries timed for
 parser.add_argument("--dense-passages", type=int, default=2000, help="passages encoded for docs/s and the 1 vs 2 process build (0: skip)")
 parser.add_argument("--faiss-vectors", type=int, default=1000000, help="random unit vectors in the FAISS comparison (0: skip)")
 parser.add_argument("--faiss-queries", type=int, default=200, help="queries timed per FAISS index")
+parser.add_argument("--faiss-data", default="random,clustered",
+                    help="vectors of the FAISS comparison: random (isotropic, the worst case) and/or clustered (one centre per 100)")
 parser.add_argument("--compare-rev", default=None, help="git revision whose search_kb is also measured on each KB (e.g. the code before issue 31)")
 parser.add_argument("--work-dir", default=None, help="inputs and KBs (default $NANOCHAT_BASE_DIR/bench_kb_scale)")
 parser.add_argument("--keep", action="store_true", help="keep the built KBs (inputs are always kept)")
@@ -57,6 +60,8 @@ except ValueError:
     die(f"--sizes must be comma-separated integers, got {args.sizes!r}")
 if not sizes or min(sizes) <= 0 or args.small <= 0 or args.queries <= 0:
     die("--sizes, --small and --queries must be positive")
+if not set(args.faiss_data.split(",")) <= {"random", "clustered"}:
+    die(f"--faiss-data must be random, clustered or both (comma-separated), got {args.faiss_data!r}")
 work = args.work_dir or os.path.join(get_base_dir(), "bench_kb_scale")
 os.makedirs(work, exist_ok=True)
 rows = []   # (section, measure, value) for the final table
@@ -245,40 +250,57 @@ if args.dense_passages:
         for p in (1, 2):
             shutil.rmtree(os.path.join(work, f"kb_dense_{p}"))
 
+def unit_vectors(rng, n, d, data, centers):
+    """n unit vectors. random: isotropic, the worst case for approximate search (every neighbour is
+    nearly as far as any other). clustered: around `centers` (unit vectors, one per 100 points), like
+    the topical clumps of text embeddings, which approximate indexes are built for."""
+    if data == "random":
+        x = rng.standard_normal((n, d), dtype=np.float32)
+    else:
+        x = np.empty((n, d), dtype=np.float32)
+        for start in range(0, n, 100_000):   # in blocks: the noise of 1M vectors at once is another 1.5 GB
+            m = min(100_000, n - start)
+            noise = rng.standard_normal((m, d), dtype=np.float32)
+            noise *= 0.6 / np.linalg.norm(noise, axis=1, keepdims=True)   # cosine ~0.86 to the point's centre
+            x[start:start + m] = centers[rng.integers(0, len(centers), m)] + noise
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
 if args.faiss_vectors:
     import faiss
     from nanochat.retrieval.dense import build_faiss_index
     n, d = args.faiss_vectors, 384
-    section = f"faiss, {n:,} vectors"
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((n, d), dtype=np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    q = rng.standard_normal((args.faiss_queries, d), dtype=np.float32)
-    q /= np.linalg.norm(q, axis=1, keepdims=True)
-    truth, current = None, None
-    for kind, knob, value in (("flat", None, None), ("hnsw", "efSearch", 64), ("ivf", "nprobe", 8), ("ivf", "nprobe", 64),
-                              ("ivfpq", "nprobe", 8), ("ivfpq", "nprobe", 64)):
-        if current is None or current[0] != kind:   # each index built once, then searched with each setting
-            current = None   # free the previous index first
+    for data in args.faiss_data.split(","):
+        section = f"faiss, {n:,} {data} vectors"
+        rng = np.random.default_rng(0)
+        centers = unit_vectors(rng, max(1, n // 100), d, "random", None)
+        x = unit_vectors(rng, n, d, data, centers)
+        q = unit_vectors(rng, args.faiss_queries, d, data, centers)
+        truth, current = None, None
+        for kind, knob, value in (("flat", None, None), ("hnsw", "efSearch", 64), ("ivf", "nprobe", 8), ("ivf", "nprobe", 64),
+                                  ("ivfpq", "nprobe", 8), ("ivfpq", "nprobe", 64)):
+            if current is None or current[0] != kind:   # each index built once, then searched with each setting
+                current = None   # free the previous index first
+                t0 = time.time()
+                index = build_faiss_index(x, kind)
+                built = time.time() - t0
+                with tempfile.NamedTemporaryFile() as f:
+                    faiss.write_index(index, f.name)
+                    per_vector = os.path.getsize(f.name) / n
+                current = (kind, index, built, per_vector)
+            _, index, built, per_vector = current
+            if knob:
+                setattr(index.hnsw if kind == "hnsw" else index, knob, value)
             t0 = time.time()
-            index = build_faiss_index(x, kind)
-            built = time.time() - t0
-            with tempfile.NamedTemporaryFile() as f:
-                faiss.write_index(index, f.name)
-                per_vector = os.path.getsize(f.name) / n
-            current = (kind, index, built, per_vector)
-        _, index, built, per_vector = current
-        if knob:
-            setattr(index.hnsw if kind == "hnsw" else index, knob, value)
-        t0 = time.time()
-        _, found = index.search(q, 10)
-        qps = len(q) / (time.time() - t0)
-        if truth is None:
-            truth = found
-        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth)])
-        report(section, f"{kind}{f' {knob} {value}' if knob else ''}: bytes/vector, build s, q/s, recall@10",
-               f"{per_vector:.0f}, {built:.0f}, {qps:.0f}, {recall:.3f}")
-    del x, index, current
+            _, found = index.search(q, 10)
+            qps = len(q) / (time.time() - t0)
+            if truth is None:
+                truth = found
+            recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth)])
+            report(section, f"{kind}{f' {knob} {value}' if knob else ''}: bytes/vector, build s, q/s, recall@10",
+                   f"{per_vector:.0f}, {built:.0f}, {qps:.0f}, {recall:.3f}")
+        del x, index, current
 
 if old_code:
     shutil.rmtree(old_code, ignore_errors=True)
