@@ -469,6 +469,15 @@ def test_bm25_terms_are_mapped_and_a_hash_clash_falls_back(tmp_path, monkeypatch
     assert isinstance(mapped.vocab, bm25.TermIds) and len(mapped.vocab) == len(memory.vocab)
     assert all(mapped.vocab.get(t) == i for t, i in memory.vocab.items()) and "xyzzy" not in mapped.vocab
     assert [[(r.document.id, r.score) for r in hits] for hits in mapped.search_batch(queries, 4)] == expected
+    # a mapped index's query reads its postings with pread (not through the mapping): the very same scores
+    assert isinstance(mapped.bm25.scores["data"], np.memmap)
+    reads, read_range = [], bm25.read_range
+    monkeypatch.setattr(bm25, "read_range", lambda *a: reads.append(a) or read_range(*a))
+    for q in ("capital of Germany capital", "morning drink", "E4021"):   # a repeated term counts twice
+        assert np.array_equal(mapped.all_scores(q), memory.all_scores(q)) and mapped.all_scores(q).dtype == np.float32
+    terms = sum(len(mapped.query_ids(q)) for q in ("capital of Germany capital", "morning drink", "E4021"))
+    assert terms >= 5 and len(reads) == 2 * 2 * terms   # data and indices of each known term, two calls per query
+    monkeypatch.undo()
     monkeypatch.setattr(bm25, "term_hash", lambda term: 7)   # every term clashes: no arrays, the JSON vocabulary
     memory.save(str(tmp_path / "b"))
     assert not os.path.exists(tmp_path / "b" / bm25.TERM_HASHES)

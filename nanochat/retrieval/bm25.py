@@ -69,7 +69,19 @@ class BM25Retriever(Retriever):
         ids = self.query_ids(query)
         if not ids:
             return None
-        return self.bm25.get_scores_from_ids(ids)
+        scores = self.bm25.scores
+        if not isinstance(scores["data"], np.memmap) or self.bm25.nonoccurrence_array is not None:
+            return self.bm25.get_scores_from_ids(ids)
+        # a mapped index: each term's postings read with pread and summed as bm25s sums them (np.add.at,
+        # term by term). Touching them through the mapping would keep each page (and the kernel's
+        # fault-around of 16 pages) in this process's RSS for as long as it runs.
+        data, indices, indptr = scores["data"], scores["indices"], scores["indptr"]
+        total = np.zeros(scores["num_docs"], dtype=np.dtype(self.bm25.dtype))
+        with open(data.filename, "rb") as data_file, open(indices.filename, "rb") as indices_file:
+            for i in ids:
+                start, end = int(indptr[i]), int(indptr[i + 1])
+                np.add.at(total, read_range(indices_file, indices, start, end), read_range(data_file, data, start, end))
+        return total
 
     def lexical_scores(self, query):
         """(positions, scores) of every document sharing a token with the query."""
@@ -108,6 +120,13 @@ class BM25Retriever(Retriever):
         best_path = os.path.join(directory, "best.npy")   # absent in KBs built before it was stored
         best = np.load(best_path, mmap_mode="r" if mmap else None, allow_pickle=False) if os.path.exists(best_path) else None
         return cls(documents, _index=index, _best=best)
+
+
+def read_range(f, mapped, start, end):
+    """mapped[start:end] read with pread from f, the .npy file behind the np.memmap `mapped`:
+    private memory, freed with the result, instead of mapped pages."""
+    item = mapped.dtype.itemsize
+    return np.frombuffer(os.pread(f.fileno(), (end - start) * item, mapped.offset + start * item), dtype=mapped.dtype)
 
 
 TERM_HASHES, TERM_IDS = "terms.hashes.npy", "terms.ids.npy"
