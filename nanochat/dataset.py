@@ -256,9 +256,12 @@ def scan_realtext(roots, split, max_chars):
     are parsed by a pool of forked processes (ast.parse is most of the time), taken back in order."""
     files = (f for f in walk_files(roots) if is_val_file(f[1]) == (split == "val"))
     docs, seen, chars = [], set(), 0
-    # fork, not spawn: a spawned worker would import the calling script (training code) again
-    with multiprocessing.get_context("fork").Pool(max(1, min(os.cpu_count() or 1, 8))) as pool:
-        for source, file_docs in pool.imap(file_documents, files, chunksize=8):
+    # fork, not spawn: a spawned worker would import the calling script (training code) again; a
+    # daemonic process (a pool's own worker) may not start one, so it reads the files itself
+    workers = min(os.cpu_count() or 1, 8)
+    pool = None if workers < 2 or multiprocessing.current_process().daemon else multiprocessing.get_context("fork").Pool(workers)
+    try:
+        for source, file_docs in (pool.imap(file_documents, files, chunksize=8) if pool else map(file_documents, files)):
             for doc in file_docs:
                 if doc in seen:
                     continue
@@ -266,8 +269,11 @@ def scan_realtext(roots, split, max_chars):
                 docs.append((source, doc))
                 chars += len(doc)
                 if chars >= max_chars:
-                    return docs   # leaving the with block stops the workers
-    return docs
+                    return docs
+        return docs
+    finally:
+        if pool is not None:
+            pool.terminate()
 
 
 class RealTextSource:

@@ -86,7 +86,7 @@ def test_doctests_code_and_unparsable_files_are_dropped(dirs):
     assert prose("Some words here that read fine.\n\n>>> x = 1\n1\n\n-----\na = b(c) + d[e]") == "Some words here that read fine."
 
 
-def test_split_is_by_file_and_deterministic(dirs, tmp_path):
+def test_split_is_by_file_and_deterministic(dirs, tmp_path, monkeypatch):
     inside, _, _ = dirs
     train, val = RealTextSource("train", roots=[str(inside)]), RealTextSource("val", roots=[str(inside)])
     assert len(val) > 0 and len(train) > len(val)
@@ -98,6 +98,16 @@ def test_split_is_by_file_and_deterministic(dirs, tmp_path):
     assert os.listdir(tmp_path / "base" / "realtext")
     assert cached.docs == train.docs
     assert [t for _, t in scan_realtext([str(inside)], "train", 10 ** 9)] == train.docs
+    # files are parsed by a pool of forked workers (on a machine with 2+ cores), read back in order: the
+    # same list as one process reading them itself
+    import multiprocessing
+    from nanochat import dataset
+    pools, get_context = [], multiprocessing.get_context
+    monkeypatch.setattr(dataset.multiprocessing, "get_context", lambda kind: pools.append(kind) or get_context(kind))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    pooled = scan_realtext([str(inside)], "train", 10 ** 9)
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert pools == ["fork"] and scan_realtext([str(inside)], "train", 10 ** 9) == pooled and pools == ["fork"]
     assert train.get(len(train) + 3) == train.get(3)   # more epochs wrap around
     # the character cap stops the scan at the document that reaches it
     capped = RealTextSource("train", roots=[str(inside)], max_chars=500).docs
