@@ -46,7 +46,7 @@ parser.add_argument("--sizes", default="10000,100000,1000000", help="comma-separ
 parser.add_argument("--small", type=int, default=2000, help="passages of the small KB the search RSS is compared with")
 parser.add_argument("--queries", type=int, default=1000, help="queries timed for BM25 q/s")
 parser.add_argument("--dense-passages", type=int, default=2000, help="passages encoded for docs/s and the 1 vs 2 process build (0: skip)")
-parser.add_argument("--faiss-vectors", type=int, default=1000000, help="random unit vectors in the FAISS comparison (0: skip)")
+parser.add_argument("--faiss-vectors", type=int, default=1000000, help="unit vectors in the FAISS comparison, per --faiss-data (0: skip)")
 parser.add_argument("--faiss-queries", type=int, default=200, help="queries timed per FAISS index")
 parser.add_argument("--faiss-data", default="random,clustered",
                     help="vectors of the FAISS comparison: random (isotropic, the worst case) and/or clustered (one centre per 100)")

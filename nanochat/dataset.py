@@ -101,7 +101,7 @@ class ParquetSource:
 # ---- real English text, found on the machine ---------------------------------------------------
 # Read at run time for training only and never written into the repo: these texts keep their own
 # licences (the Python licence, each package's and each Debian package's), which is why nothing of
-# them is committed; the cache below lives under $NANOCHAT_BASE_DIR.
+# them is committed; the cache below lives under $NANOCHAT_BASE_DIR (or $NANOCHAT_REALTEXT_CACHE).
 REALTEXT_MAX_CHARS = 50_000_000   # collected per split at most (the val split gets 1/REALTEXT_VAL_EVERY of it)
 REALTEXT_VAL_EVERY = 50           # 1 file in 50, by a hash of its path, is validation
 REALTEXT_MIN_WORDS = 20           # shorter docstrings ("Return self.") teach nothing
@@ -283,7 +283,7 @@ class RealTextSource:
     /usr/share/iso-codes, /etc/services and the http.HTTPStatus / errno tables are never read: they
     are the held-out sources for evaluating zero-shot reading of real documents.
 
-    The document list is scanned once per split (~2 minutes on 2 cores) and cached in
+    The document list is scanned once per split (~1-2 minutes on 2 cores) and cached in
     $NANOCHAT_REALTEXT_CACHE, else $NANOCHAT_BASE_DIR/realtext (keyed by the roots, their modification
     times and max_chars: runs on one machine can share it); document i is docs[i % len(docs)] (more epochs).
     """
