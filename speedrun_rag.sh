@@ -163,16 +163,20 @@ fi
 # the checkpoint tag base_train uses; SFT, RL, eval and chat load exactly this model
 if [[ "$BLOCK_PATTERN" =~ ^T+$ ]]; then TAG="d$DEPTH"; else TAG="d${DEPTH}_$BLOCK_PATTERN"; fi
 
-# a pure Mamba stack reads only with an induction-head init and a gentler SFT that moves on from
-# one-document copying at 70% (it plateaus there: common-word answers) instead of 90%; the question
-# goes before and after its documents (JRT; `after` measured the same). docs/mamba.md has the runs.
+# a pure Mamba stack reads only with an induction-head init, and moves on from one-document copying
+# at 70% instead of 90% (it can plateau there on common-word answers); the question goes before and
+# after its documents (JRT; `after` measured the same). Its SFT runs at the full learning rate: a
+# pure-M base copies nothing after pretraining (reading probe 0.00), and at 0.3 of it the copying
+# came too late for the stage budget below. Its RL keeps more single-hop questions (0.25 instead of
+# 0.1: RL cost pure-M runs 3-14 points of single-hop otherwise). docs/mamba.md has the runs.
 # Some bases plateau under a gate (two fresh pure-M runs sat in world2 for 650 steps and never met
 # 2-hop search; a fresh TTTT base, SEED=2, sat at ~65% batch EM in world1 for 225 steps): each of
 # the four stages moves on after a quarter of SFT's steps whatever its EM (a third left a stalled
 # MMMM run no steps for the last stage)
-SFT_LR_FRAC=1  SFT_MAX_STAGE_STEPS=$(( SFT_ITERS / 4 ))
+SFT_MAX_STAGE_STEPS=$(( SFT_ITERS / 4 ))
 if [[ "$BLOCK_PATTERN" =~ ^M+$ ]]; then
-    QUERY_POSITION="${QUERY_POSITION:-both}"  MAMBA_INIT="${MAMBA_INIT:-induction}"  SFT_LR_FRAC=0.3  SFT_ADVANCE_EM=0.7
+    QUERY_POSITION="${QUERY_POSITION:-both}"  MAMBA_INIT="${MAMBA_INIT:-induction}"  SFT_ADVANCE_EM=0.7
+    [ "$MODE" = gpu ] || RL_CURRICULUM=world3:0.3+world2:0.25+read1:0.1+turns3:0.1+abstain3:0.1+search2:0.15+entries:0.1
 fi
 
 # directories: the run's own, and the shared download cache
@@ -399,7 +403,7 @@ fi
 stage sft chatsft_checkpoints \
     launch -m scripts.chat_sft --model-tag "$TAG" --block-pattern "$BLOCK_PATTERN" --curriculum "$SFT_CURRICULUM" \
     --num-iterations "$SFT_ITERS" --device-batch-size "$SFT_BATCH" --eval-every "$SFT_EVAL_EVERY" \
-    --eval-examples "$SFT_EVAL_EXAMPLES" --advance-em "$SFT_ADVANCE_EM" --max-stage-steps "$SFT_MAX_STAGE_STEPS" --lr-frac "$SFT_LR_FRAC" --seed "$SEED" --query-position "$QUERY_POSITION" $COMPILE
+    --eval-examples "$SFT_EVAL_EXAMPLES" --advance-em "$SFT_ADVANCE_EM" --max-stage-steps "$SFT_MAX_STAGE_STEPS" --seed "$SEED" --query-position "$QUERY_POSITION" $COMPILE
 stage rl chatrl_checkpoints \
     launch -m scripts.chat_rl --model-tag "$TAG" --block-pattern "$BLOCK_PATTERN" --curriculum "$RL_CURRICULUM" \
     --num-iterations "$RL_ITERS" --prompts-per-step "$RL_PROMPTS" --num-samples "$RL_SAMPLES" \
