@@ -165,19 +165,23 @@ if [[ "$BLOCK_PATTERN" =~ ^T+$ ]]; then TAG="d$DEPTH"; else TAG="d${DEPTH}_$BLOC
 
 # a pure Mamba stack reads only with an induction-head init, and moves on from one-document copying
 # at 70% instead of 90% (it can plateau there on common-word answers); the question goes before and
-# after its documents (JRT; `after` measured the same). Its SFT runs at the full learning rate: a
-# pure-M base copies nothing after pretraining (reading probe 0.00), and at 0.3 of it the copying
-# came too late for the stage budget below. Its RL keeps more single-hop questions (0.25 instead of
-# 0.1: RL cost pure-M runs 3-14 points of single-hop otherwise). docs/mamba.md has the runs.
+# after its documents (JRT; `after` measured the same). A pure-M base copies nothing after
+# pretraining (reading probe 0.00) and learns it in SFT after 300-600+ steps depending on the base
+# seed, so on CPU its SFT gets twice the steps (600 per stage below: SEED=2 read at 2400, not at
+# 1200), at the full learning rate (at 0.3 copying came too late); its RL keeps more single-hop
+# questions (0.25 instead of 0.1: RL cost pure-M runs 3-14 points of single-hop). docs/mamba.md.
+if [[ "$BLOCK_PATTERN" =~ ^M+$ ]]; then
+    QUERY_POSITION="${QUERY_POSITION:-both}"  MAMBA_INIT="${MAMBA_INIT:-induction}"  SFT_ADVANCE_EM=0.7
+    if [ "$MODE" = cpu ]; then
+        SFT_ITERS="${USER_SFT_ITERS:-2400}"
+        RL_CURRICULUM=world3:0.3+world2:0.25+read1:0.1+turns3:0.1+abstain3:0.1+search2:0.15+entries:0.1
+    fi
+fi
 # Some bases plateau under a gate (two fresh pure-M runs sat in world2 for 650 steps and never met
 # 2-hop search; a fresh TTTT base, SEED=2, sat at ~65% batch EM in world1 for 225 steps): each of
 # the four stages moves on after a quarter of SFT's steps whatever its EM (a third left a stalled
 # MMMM run no steps for the last stage)
 SFT_MAX_STAGE_STEPS=$(( SFT_ITERS / 4 ))
-if [[ "$BLOCK_PATTERN" =~ ^M+$ ]]; then
-    QUERY_POSITION="${QUERY_POSITION:-both}"  MAMBA_INIT="${MAMBA_INIT:-induction}"  SFT_ADVANCE_EM=0.7
-    [ "$MODE" = gpu ] || RL_CURRICULUM=world3:0.3+world2:0.25+read1:0.1+turns3:0.1+abstain3:0.1+search2:0.15+entries:0.1
-fi
 
 # directories: the run's own, and the shared download cache
 CACHE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat-rag}"
