@@ -25,7 +25,7 @@ parser.add_argument("--step", type=int, default=None, help="checkpoint step (def
 parser.add_argument("--block-pattern", default=None, help="refuse a checkpoint whose block pattern differs")
 parser.add_argument("--task", default=None, help="world1..world4 (held-out knowledge world), turns1..turns4 (its questions as the "
                     "2nd/3rd turn of a chat), abstain1..abstain4 (about entities the KB lacks: EM = abstained), compare2/compare3 "
-                    "(comparisons only: documents shown / searched), arc, mmlu, gsm8k, hotpotqa")
+                    "(comparisons only: documents shown / searched), shuffled2 (world2, documents in random order), arc, mmlu, gsm8k, hotpotqa")
 add_kb_flags(parser)
 parser.add_argument("--no-retrieval", action="store_true", help="ablation: no documents, searches return nothing")
 parser.add_argument("--ensemble", action="store_true",

@@ -37,7 +37,7 @@ def build_task(name, args, split, seed=None, context_len=512):
     entries of reading drills are sized for."""
     from tasks.rag import world_task, RAGTask, MultiHopRAGTask, LEVELS
     shuffle = split != "train" and getattr(args, "shuffle_documents", False)   # chat_eval's control: documents in random order
-    kind = next((k for k in ("world", "turns", "abstain", "search", "chat", "compare") if name.startswith(k) and name[len(k):].isdigit()), None)
+    kind = next((k for k in ("world", "turns", "abstain", "search", "chat", "compare", "shuffled") if name.startswith(k) and name[len(k):].isdigit()), None)
     if kind:
         # worldN: level N of the knowledge world; turnsN: its questions as the 2nd or 3rd turn of a chat;
         # abstainN: questions about entities the KB lacks, answered "The documents do not say.", alone or
@@ -46,13 +46,17 @@ def build_task(name, args, split, seed=None, context_len=512):
         # searchN: single-hop levels answered by the model's own search (a chat's retrieval mode auto);
         # chatN: both, a follow-up the model searches for (what the web UI's default mode asks);
         # compare2/compare3: only comparisons ("Which was founded first, A or B?"), both documents shown / searched
-        # (a quarter of world3 is comparisons, and a small model answers them by position, not by the years)
+        # (a quarter of world3 is comparisons, and a small model answers them by position, not by the years);
+        # shuffled2: world2 with its four documents in random order (BM25 ranks the asked entity's article
+        # first, so in rank order "copy from document 1" passes without reading which one is about whom)
         level = int(name[len(kind):])
-        levels = (2, 3) if kind == "compare" else LEVELS
+        levels = (2, 3) if kind == "compare" else (2,) if kind == "shuffled" else LEVELS
         if level not in levels:
-            raise ValueError(f"unknown knowledge-world level {name!r}: use {kind}{min(levels)}..{kind}{max(levels)}")
+            use = f"{kind}{min(levels)}" + (f"..{kind}{max(levels)}" if len(levels) > 1 else "")
+            raise ValueError(f"unknown knowledge-world level {name!r}: use {use}")
         options = dict(turns=3 if kind in ("turns", "chat", "abstain") else 1, unanswerable=kind == "abstain",
-                       search=kind in ("search", "chat"), retriever=args.retriever, comparisons=kind == "compare", shuffle=shuffle)
+                       search=kind in ("search", "chat"), retriever=args.retriever, comparisons=kind == "compare",
+                       shuffle=shuffle or kind == "shuffled")
         stream_seed = (args.seed if seed is None else seed) if split == "train" else 0   # held out: the same questions every run
         if split == "train":
             make = lambda **o: world_task(level, "train", num_examples=args.stream_examples, seed=stream_seed, **o)
@@ -101,7 +105,7 @@ def build_task(name, args, split, seed=None, context_len=512):
     if name == "hotpotqa":
         from tasks.hotpotqa import HotpotQA
         return MultiHopRAGTask(HotpotQA(split="train" if train else "validation"), args.retriever, args.top_k)
-    raise ValueError(f"unknown task {name!r} in --mixture (world1..world4, turns1..turns4, abstain1..abstain4, search1..search4, chat1..chat4, compare2..compare3, read1..read3, "
+    raise ValueError(f"unknown task {name!r} in --mixture (world1..world4, turns1..turns4, abstain1..abstain4, search1..search4, chat1..chat4, compare2..compare3, shuffled2, read1..read3, "
                      "entries, recall, qa, smoltalk, gsm8k, arc, mmlu, hotpotqa)")
 
 
