@@ -188,7 +188,11 @@ class TaskMixture(Task):
             self.tasks[t].prefetch(local)
 
     def prefetch(self, indices):
-        self._prefetch_physical([self.physical_index(i) for i in indices])
+        # a parent mixture's hint: these are the indices coming, not a window from the first of them
+        # (a nested mixture's indices arrive shuffled; a window of 256 from each built 255 unused examples)
+        physical = [self.physical_index(i) for i in indices]
+        self._prefetch_physical(physical)
+        self._window = set(physical)
 
     def get_example(self, index):
         if index not in self._window:

@@ -210,6 +210,14 @@ def test_retrieval_is_batched_and_cached_even_inside_a_shuffled_mixture():
     for i in range(len(mix)):
         mix[i]
     assert len(counting2.calls) <= 5 and sum(counting2.calls) == 400   # a few big batches, each query once
+    # a weighted mixture inside a weighted one (abstain2 is one) gets its children's draws shuffled:
+    # it retrieves what its parent said is coming, not a block after each of them
+    counting3 = CountingRetriever(world_retriever())
+    inner = TaskMixture([RAGTask(WorldQA(heldout_world(), hops=1, num_examples=3000, seed=2), counting3, top_k=3), plain], [1, 1])
+    outer = TaskMixture([inner, WorldStream(hops=1, num_examples=3000, seed=3)], [1, 3])
+    for i in range(2000):
+        outer[i]
+    assert 200 <= sum(counting3.calls) <= 2 * 256 and len(counting3.calls) <= 12
 
 
 def test_shuffle_moves_the_gold_document():
