@@ -9,6 +9,7 @@ SFT step time is measured on a tiny GPT forward/backward at the given batch shap
 
     python -m bench.bench_dataloader                    # ~1-2 minutes on 2 CPU cores
     python -m bench.bench_dataloader --no-dense --n 500
+    python -m bench.bench_dataloader --no-dense --n 200 --curriculum world1,world3+world2+abstain2   # + SFT batches per stage
 """
 import time
 import argparse
@@ -28,6 +29,10 @@ parser.add_argument("--depth", type=int, default=4, help="tiny model for the ste
 parser.add_argument("--width", type=int, default=256)
 parser.add_argument("--step-time", type=float, default=None, help="SFT step seconds (skip the measurement)")
 parser.add_argument("--no-dense", action="store_true", help="skip the dense retriever (loads MiniLM, encodes the KB)")
+parser.add_argument("--curriculum", default=None,
+                    help="also time chat_sft's packed batches (--batch-size x --seq-len) of each stage of this curriculum "
+                         "(chat_sft's syntax, e.g. the speedrun's SFT_CURRICULUM): seconds per batch, beside the step time")
+parser.add_argument("--batches", type=int, default=100, help="--curriculum: batches timed per stage (after one to warm up)")
 args = parser.parse_args()
 
 torch.manual_seed(0)
@@ -100,3 +105,22 @@ shares["stream L2"] = measure("world level 2: stream, bm25 per example", world_t
 shares["stream L3"] = measure("world level 3: stream 2-hop, bm25 per ex.", world_task(3, num_examples=args.n))
 shares["stream L3 simple"] = measure("world level 3: stream 2-hop, simple per ex.", world_task(3, num_examples=args.n, retriever="simple"))
 print(f"\nworst retrieval share of an SFT step: {100 * max(shares.values()):.2f}% ({max(shares, key=shares.get)}); target <= 5%")
+
+# -----------------------------------------------------------------------------
+# chat_sft's batches: whole stages of a curriculum, packed (nested mixtures, drills, searches and all)
+
+if args.curriculum:
+    from types import SimpleNamespace
+    from tasks.sft_data import parse_curriculum, build_mixture, packed_batches
+    options = SimpleNamespace(retriever="bm25", stream_examples=200_000, eval_examples=40, seed=0, kb=None, qa=None, top_k=3,
+                              multihop=False)
+    print(f"\nSFT batches of {args.batch_size}x{args.seq_len} tokens, {args.batches} per stage (step: {step_time * 1000:.0f} ms)")
+    for k, items in enumerate(parse_curriculum(args.curriculum)):
+        batches = packed_batches(build_mixture(items, options, "train", 1000 * k, args.seq_len), tokenizer, args.batch_size, args.seq_len)
+        next(batches)   # the first fills the prefetch windows
+        t0 = time.perf_counter()
+        for _ in range(args.batches):
+            next(batches)
+        seconds = (time.perf_counter() - t0) / args.batches
+        print(f"  stage {k} ({'+'.join(name for name, _ in items)}): {seconds * 1000:.0f} ms per batch, "
+              f"{100 * seconds / (seconds + step_time):.0f}% of a step")
