@@ -166,8 +166,8 @@ if [[ "$BLOCK_PATTERN" =~ ^T+$ ]]; then TAG="d$DEPTH"; else TAG="d${DEPTH}_$BLOC
 # a pure Mamba stack reads only with an induction-head init, and moves on from one-document copying
 # at 70% instead of 90% (it can plateau there on common-word answers); the question goes before and
 # after its documents (JRT; `after` measured the same). A pure-M base copies nothing after
-# pretraining (reading probe 0.00) and learns it in SFT after 300-600+ steps depending on the base
-# seed, so on CPU its SFT gets twice the steps (600 per stage below: SEED=2 read at 2400, not at
+# pretraining (reading probe 0.00) and learns it in SFT after 300-1,100+ steps depending on the
+# base, so on CPU its SFT gets twice the steps (600 per stage below: SEED=2 read at 2400, not at
 # 1200), at the full learning rate (at 0.3 copying came too late); its RL keeps more single-hop
 # questions (0.25 instead of 0.1: RL cost pure-M runs 3-14 points of single-hop). docs/mamba.md.
 if [[ "$BLOCK_PATTERN" =~ ^M+$ ]]; then

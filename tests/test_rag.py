@@ -242,7 +242,6 @@ def test_chat_evals_shuffle_documents_control_reorders_only_the_held_out_documen
     assert all(sorted(ids(ranked, i)) == sorted(ids(shuffled, i)) for i in range(100))
 
 
-
 def test_shuffled2_is_world2_out_of_rank_order_in_training_too():
     import argparse
     from tasks.sft_data import build_task
@@ -253,9 +252,10 @@ def test_shuffled2_is_world2_out_of_rank_order_in_training_too():
     args.shuffle_documents = False
     ranked, shuffled = build_task("world2", args, "train"), build_task("shuffled2", args, "train")
     assert sum(ids(ranked, i)[0] == ranked[i]["hops"][0] for i in range(100)) >= 90   # a mini-world's BM25: nearly always
-    assert sum(ids(shuffled, i)[0] == shuffled[i]["hops"][0] for i in range(100)) < 70   # (a third show only the gold one)
+    assert sum(ids(shuffled, i)[0] == shuffled[i]["hops"][0] for i in range(100)) < 70   # (over a quarter show only the gold one)
     with pytest.raises(ValueError, match="use shuffled2$"):
         build_task("shuffled3", args, "train")
+
 
 # -----------------------------------------------------------------------------
 # MultiHopRAGTask
