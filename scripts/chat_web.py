@@ -18,8 +18,8 @@ The prompt is built by nanochat/chat.py, the same code the CLI uses. Generation 
 torch code, so it never runs on the event loop: each worker (one model replica per device) is a
 thread that takes the requests waiting in a queue, up to --max-batch of them, answers them together
 in one Engine run (nanochat.chat.respond_batch: one forward per step for all of them, each with
-its own settings and seed) and hands each request's events to its async SSE stream. Requests that
-arrive while a batch runs wait for the next one. The server binds 127.0.0.1 unless told otherwise:
+its own settings and seed) and hands each request's events to its async SSE stream. A burst is
+split evenly over the idle workers; requests that arrive while all are busy wait for the next batch. The server binds 127.0.0.1 unless told otherwise:
 there is no authentication, so exposing it is a deliberate choice (--host 0.0.0.0).
 """
 import os
@@ -239,29 +239,36 @@ class Job:
 jobs = queue.Queue()   # Jobs waiting for a worker
 
 
-def next_batch():
+def next_batch(worker):
     """Block for a request, then take the others waiting (up to --max-batch), giving requests sent
-    together a moment to arrive; requests whose client already left are dropped."""
+    together a moment to arrive. Requests whose client already left are dropped, and a burst is shared
+    with the workers still idle (each one waiting in jobs.get() takes what this one puts back)."""
     batch = [jobs.get()]
+    worker.busy = True
     deadline = time.monotonic() + BATCH_WAIT_S
     while len(batch) < args.max_batch:
         try:
             batch.append(jobs.get(timeout=max(0.0, deadline - time.monotonic())))
         except queue.Empty:
             break
-    for job in batch:
+    idle = sum(not w.busy for w in workers)
+    keep = -(-len(batch) // (1 + idle))
+    for job in batch[keep:]:
+        jobs.put(job)
+    for job in batch[:keep]:
         if job.stop.is_set():
             job.end()
-    return [job for job in batch if not job.finished]
+    return [job for job in batch[:keep] if not job.finished]
 
 
 def serve(worker):
     """A worker's thread: answer batches of requests forever, streaming each request's events."""
     while True:
-        batch = next_batch()
+        batch = next_batch(worker)
         if not batch:
+            worker.busy = False
             continue
-        worker.busy, worker.requests = True, worker.requests + len(batch)
+        worker.requests += len(batch)
         stats["batches"] += 1
         try:
             with torch.no_grad():   # grad mode is per thread
