@@ -19,8 +19,9 @@ torch code, so it never runs on the event loop: each worker (one model replica p
 thread that takes the requests waiting in a queue, up to --max-batch of them, answers them together
 in one Engine run (nanochat.chat.respond_batch: one forward per step for all of them, each with
 its own settings and seed) and hands each request's events to its async SSE stream. A burst is
-split evenly over the idle workers; requests that arrive while all are busy wait for the next batch. The server binds 127.0.0.1 unless told otherwise:
-there is no authentication, so exposing it is a deliberate choice (--host 0.0.0.0).
+split evenly over the idle workers; requests that arrive while all are busy wait for the next
+batch. The server binds 127.0.0.1 unless told otherwise: there is no authentication, so exposing
+it is a deliberate choice (--host 0.0.0.0).
 """
 import os
 import json
