@@ -21,7 +21,7 @@ from nanochat.common import compute_init, compute_cleanup, print0, init_wandb, a
 from nanochat.checkpoint_manager import load_model, save_checkpoint, checkpoint_dir, find_model_tag
 from nanochat.optim import setup_optimizers, step_optimizers, all_reduce_grads
 from tasks.sft_data import add_kb_flags, build_mixture, build_task, parse_mixture, parse_curriculum
-from nanochat.rollout import rollouts, rl_batch, policy_gradient_loss, evaluate_task, length_buckets
+from nanochat.rollout import rollouts, rl_batch, policy_gradient_loss, evaluate_task, length_buckets, improves_on
 
 parser = argparse.ArgumentParser(description="RL with the model's own searches: rewards from its generated answers")
 parser.add_argument("--source", default="sft", choices=["sft", "rl"], help="checkpoint to start from")
@@ -52,14 +52,17 @@ parser.add_argument("--lr-frac", type=float, default=0.1, help="learning rates a
 # evaluation, output
 parser.add_argument("--eval-every", type=int, default=25, help="held-out EM every N steps (0: only at the start and the end)")
 parser.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=True,
-                    help="save the best of the starting model and every held-out evaluation (mean EM over --eval-mixture; "
-                         "RL must beat the start to replace it), so RL never leaves a model worse than it found it; "
-                         "--no-keep-best saves the last step")
+                    help="save the best of the starting model and every held-out evaluation: a step replaces the kept "
+                         "model only if its mean EM over --eval-mixture is higher and its EM on each --hold task no lower, "
+                         "so RL never leaves a model worse than it found it; --no-keep-best saves the last step")
 parser.add_argument("--eval-examples", type=int, default=60, help="held-out examples per evaluation")
 parser.add_argument("--eval-mixture", default="world2,world3,turns3,abstain3",
                     help="comma list of held-out tasks, each evaluated on its own (names as in --curriculum; a :weight is checked, "
                          "not used); the default guards follow-ups and 'not in the documents' too, which reward on "
                          "answering alone can erode")
+parser.add_argument("--hold", default="world2,world3",
+                    help="comma list of --eval-mixture tasks on which --keep-best never accepts a lower EM (the answers the "
+                         "recipe is for); '' to judge by the mean alone")
 parser.add_argument("--device-type", default="", help="cuda | mps | cpu (default: autodetect)")
 parser.add_argument("--run", default="dummy", help="wandb run name ('dummy' disables wandb)")
 args = parser.parse_args()
@@ -86,6 +89,9 @@ try:
     eval_tasks = {name: build_task(name, args, "heldout", context_len=context_len) for name, _ in parse_mixture(args.eval_mixture)}
 except (FileNotFoundError, ValueError, RuntimeError) as e:
     die(str(e))
+hold = [t for t in args.hold.split(",") if t]
+if args.keep_best and not set(hold) <= set(eval_tasks):
+    die(f"--hold {args.hold}: every task must be in --eval-mixture ({','.join(eval_tasks)})")
 print0(f"RL of {args.source}/{model_tag} ({model.config.block_pattern}); curriculum: {args.curriculum.replace(',', ' -> ')}")
 # fine-tuning uses base_train's default learning rates scaled by --lr-frac
 optimizers = setup_optimizers(model, 0.02 * args.lr_frac, 0.2 * args.lr_frac, 0.004 * args.lr_frac, 0.004 * args.lr_frac)
@@ -109,7 +115,7 @@ if master:
     open(metrics_path, "w").close()
 stage, stage_start, recent_em = 0, 0, deque(maxlen=args.advance_window)
 train_time, step = 0.0, 0
-start_record, best = None, None   # best: (mean held-out EM, step, record, weights on the CPU)
+start_record, best = None, None   # best: (step, held-out record, weights on the CPU)
 while True:
     last = step == args.num_iterations
     if last or (args.eval_every > 0 and step % args.eval_every == 0) or (step == 0 and args.keep_best):
@@ -119,9 +125,8 @@ while True:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         wandb_run.log(record)
-        score = sum(record[f"{n}/em"] for n in eval_tasks) / len(eval_tasks)
-        if args.keep_best and (best is None or score > best[0]):   # ties keep the earlier model: RL has to beat it
-            best = (score, step, record, {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
+        if args.keep_best and improves_on(record, best and best[1], eval_tasks, hold):   # ties keep the earlier model
+            best = (step, record, {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
     if last:
         break
     t0 = time.time()
@@ -188,7 +193,7 @@ while True:
 
 kept_step, state, kept_record = step, model.state_dict(), record
 if args.keep_best:
-    _, kept_step, kept_record, state = best
+    kept_step, kept_record, state = best
 meta_out = {"model_config": model.config.to_dict(), "user_config": user_config, "step": kept_step, "phase": "rl",
             "base": {"source": args.source, "model_tag": model_tag}, "heldout": kept_record, "heldout_start": start_record,
             "steps_trained": step, "kept": "start" if kept_step == 0 else ("last" if kept_step == step else "best"),
@@ -200,7 +205,8 @@ if master:   # the directory holds this run's final model only: an older run's l
             os.remove(os.path.join(ckpt_dir, name))
 held = lambda r: ", ".join(f"{n} {r[n + '/em']:.3f}" for n in eval_tasks)
 if kept_step == 0:
-    print0(f"RL did not beat the {args.source} model on held-out EM ({held(start_record)} at the start; last step: {held(record)}): "
+    print0(f"RL did not beat the {args.source} model on held-out EM (no step better on the mean and as good on {args.hold or 'no task'}; "
+           f"{held(start_record)} at the start; last step: {held(record)}): "
            f"saved {ckpt_dir} step 0, the {args.source} model unchanged")
 else:
     print0(f"saved {ckpt_dir} step {kept_step} of {step} (held-out EM {held(kept_record)}; at the start: {held(start_record)})")

@@ -20,7 +20,7 @@ def test_rl_that_cannot_improve_keeps_the_starting_model(trained_base):
     rl_dir = os.path.join(trained_base, "chatrl_checkpoints", "tiny")
     common = ["--model-tag", "tiny", "--num-iterations", "3", "--prompts-per-step", "2", "--num-samples", "2",
               "--max-new-tokens", "8", "--eval-every", "0", "--eval-examples", "4", "--eval-mixture", "world1",
-              "--lr-frac", "500", "--curriculum", "world1"]
+              "--hold", "world1", "--lr-frac", "500", "--curriculum", "world1"]
     rl = run_module("scripts.chat_rl", *common, base_dir=trained_base)
     assert rl.returncode == 0, rl.stderr[-3000:]
     assert "RL did not beat the sft model" in rl.stdout.strip().splitlines()[-1]
@@ -36,3 +36,21 @@ def test_rl_that_cannot_improve_keeps_the_starting_model(trained_base):
     assert "saved" in rl.stdout and "step 3 of 3" in rl.stdout.strip().splitlines()[-1]
     assert json.load(open(os.path.join(rl_dir, "meta_000003.json")))["kept"] == "last"
     assert sorted(n for n in os.listdir(rl_dir) if n.startswith("model_")) == ["model_000003.pt"]   # the older run's is gone
+    # a held task the evaluation never measures is a mistake, named before any training
+    bad = run_module("scripts.chat_rl", *common, "--hold", "world1,world3", base_dir=trained_base)
+    assert bad.returncode != 0 and "--hold world1,world3" in bad.stderr and "Traceback" not in bad.stderr
+
+
+
+def test_a_step_replaces_the_kept_model_only_if_better_and_no_held_task_is_lower():
+    from nanochat.rollout import improves_on
+    tasks, hold = ["world2", "world3", "abstain3"], ["world2", "world3"]
+    kept = {"world2/em": 0.633, "world3/em": 0.45, "abstain3/em": 0.767}
+    assert improves_on(kept, None, tasks, hold)                                    # the start is always kept first
+    # higher mean, single-hop lower: refused (a pure-M run's RL step traded world2 for abstaining)
+    assert not improves_on({"world2/em": 0.60, "world3/em": 0.467, "abstain3/em": 0.983}, kept, tasks, hold)
+    assert improves_on({"world2/em": 0.60, "world3/em": 0.467, "abstain3/em": 0.983}, kept, tasks, [])  # mean alone
+    # better answers, fewer abstentions, higher mean: accepted (a held task may not fall, the others may)
+    assert improves_on({"world2/em": 0.65, "world3/em": 0.55, "abstain3/em": 0.70}, kept, tasks, hold)
+    assert not improves_on({"world2/em": 0.65, "world3/em": 0.46, "abstain3/em": 0.60}, kept, tasks, hold)  # mean lower
+    assert not improves_on(dict(kept), kept, tasks, hold)                          # a tie keeps the earlier model
