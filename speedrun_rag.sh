@@ -166,16 +166,16 @@ if [[ "$BLOCK_PATTERN" =~ ^T+$ ]]; then TAG="d$DEPTH"; else TAG="d${DEPTH}_$BLOC
 # a pure Mamba stack reads only with an induction-head init, and moves on from one-document copying
 # at 70% instead of 90% (it can plateau there on common-word answers); the question goes before and
 # after its documents (JRT; `after` measured the same). A pure-M base copies nothing after
-# pretraining (reading probe 0.00) and learns it in SFT after 300-1,100+ steps depending on the
-# base, so on CPU its SFT gets 2800 steps (700 per stage below: SEED=2 read at 2400, not at 1200;
-# held-out world2 still rose from 2400 to 2800 on the same base, 86/64 -> 91/65), at the full
-# learning rate (at 0.3 copying came too late); its RL is shorter (100 steps: RL's guard kept the
-# SFT model in every pure-M run, so the time goes to SFT) and keeps more single-hop questions
-# (0.25 instead of 0.1: RL cost pure-M runs 3-14 points of single-hop). docs/mamba.md.
+# pretraining (reading probe 0.00) and learns it in SFT after 300-2,200 steps depending on the
+# base, so on CPU its SFT gets 3600 steps (900 per stage below: a base that copied late ended at
+# 68/47 after 2800 steps and at 99/79 after 3600), at the full learning rate (at 0.3 copying came
+# too late); its RL is shorter (100 steps: RL's guard kept the SFT model in most pure-M runs, so the
+# time goes to SFT) and keeps more single-hop questions (0.25 instead of 0.1: RL cost pure-M runs
+# 3-14 points of single-hop). docs/mamba.md.
 if [[ "$BLOCK_PATTERN" =~ ^M+$ ]]; then
     QUERY_POSITION="${QUERY_POSITION:-both}"  MAMBA_INIT="${MAMBA_INIT:-induction}"  SFT_ADVANCE_EM=0.7
     if [ "$MODE" = cpu ]; then
-        SFT_ITERS="${USER_SFT_ITERS:-2800}"  RL_ITERS="${USER_RL_ITERS:-100}"
+        SFT_ITERS="${USER_SFT_ITERS:-3600}"  RL_ITERS="${USER_RL_ITERS:-100}"
         RL_CURRICULUM=world3:0.3+world2:0.25+read1:0.1+turns3:0.1+abstain3:0.1+search2:0.15+entries:0.1
     fi
 fi
