@@ -166,16 +166,17 @@ if [[ "$BLOCK_PATTERN" =~ ^T+$ ]]; then TAG="d$DEPTH"; else TAG="d${DEPTH}_$BLOC
 # a pure Mamba stack reads only with an induction-head init, and moves on from one-document copying
 # at 70% instead of 90% (it can plateau there on common-word answers); the question goes before and
 # after its documents (JRT; `after` measured the same). A pure-M base copies nothing after
-# pretraining (reading probe 0.00) and learns it in SFT after 300-2,200 steps depending on the
-# base, so on CPU its SFT gets 3600 steps (900 per stage below: a base that copied late ended at
-# 68/47 after 2800 steps and at 99/79 after 3600), at the full learning rate (at 0.3 copying came
-# too late); its RL is shorter (100 steps: RL's guard kept the SFT model in most pure-M runs, so the
-# time goes to SFT) and keeps more single-hop questions (0.25 instead of 0.1: RL cost pure-M runs
-# 3-14 points of single-hop). docs/mamba.md.
+# pretraining (reading probe 0.00) and learns it in SFT, early or late depending on its validation
+# loss: at 1000 base steps (val bpb 1.69-1.75) after 300-2,200 SFT steps, so some runs ended at
+# 81-90% single-hop even with 3600 SFT steps. On CPU it pretrains 1500 steps (bpb 1.62: copying by
+# SFT step ~200), then 2800 SFT steps (700 per stage below) at the full learning rate (at 0.3
+# copying came too late); its RL is shorter (100 steps: RL's guard kept the SFT model in most
+# pure-M runs) and keeps more single-hop questions (0.25 instead of 0.1: RL cost pure-M runs 3-14
+# points of single-hop). docs/mamba.md.
 if [[ "$BLOCK_PATTERN" =~ ^M+$ ]]; then
     QUERY_POSITION="${QUERY_POSITION:-both}"  MAMBA_INIT="${MAMBA_INIT:-induction}"  SFT_ADVANCE_EM=0.7
     if [ "$MODE" = cpu ]; then
-        SFT_ITERS="${USER_SFT_ITERS:-3600}"  RL_ITERS="${USER_RL_ITERS:-100}"
+        BASE_ITERS="${USER_BASE_ITERS:-1500}"  SFT_ITERS="${USER_SFT_ITERS:-2800}"  RL_ITERS="${USER_RL_ITERS:-100}"
         RL_CURRICULUM=world3:0.3+world2:0.25+read1:0.1+turns3:0.1+abstain3:0.1+search2:0.15+entries:0.1
     fi
 fi
