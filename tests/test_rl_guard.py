@@ -41,7 +41,6 @@ def test_rl_that_cannot_improve_keeps_the_starting_model(trained_base):
     assert bad.returncode != 0 and "--hold world1,world3" in bad.stderr and "Traceback" not in bad.stderr
 
 
-
 def test_a_step_replaces_the_kept_model_only_if_better_and_no_held_task_is_lower():
     from nanochat.rollout import improves_on
     tasks, hold = ["world2", "world3", "abstain3"], ["world2", "world3"]
