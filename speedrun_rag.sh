@@ -168,8 +168,8 @@ if [[ "$BLOCK_PATTERN" =~ ^T+$ ]]; then TAG="d$DEPTH"; else TAG="d${DEPTH}_$BLOC
 # after its documents (JRT; `after` measured the same). A pure-M base copies nothing after
 # pretraining (reading probe 0.00) and learns it in SFT, early or late depending on its validation
 # loss: at 1000 base steps (val bpb 1.69-1.75) after 300-2,200 SFT steps, so some runs ended at
-# 81-90% single-hop even with 3600 SFT steps. On CPU it pretrains 1500 steps (bpb 1.62-1.69; two
-# runs at 93-100% single-hop), then 2800 SFT steps (700 per stage below) at the full learning rate
+# 81-90% single-hop even with 3600 SFT steps. On CPU it pretrains 1500 steps (bpb 1.60-1.69; four
+# fresh runs at 93-100% single-hop), then 2800 SFT steps (700 per stage below) at the full learning rate
 # (at 0.3 copying came too late); its RL is shorter (100 steps: RL's guard kept the SFT model in most
 # pure-M runs) and keeps more single-hop questions (0.25 instead of 0.1: RL cost pure-M runs 3-14
 # points of single-hop). docs/mamba.md.
